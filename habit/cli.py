@@ -1,0 +1,412 @@
+"""The `habit` command: one short function per command, flags → settings → library → print.
+
+Flags for settings come from the dataclass fields in settings.py, so each default and help line is
+written once. A HabitError becomes one line on stderr and exit code 2; `--json` prints machine
+output on stdout and keeps progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from habit.errors import HabitError
+from habit.settings import DEFAULT_MODEL, GenerationSettings, LoraSettings, TrainSettings
+
+TEMPLATE_HELP = ("prompt template with {field} placeholders; the response field ends it, e.g. "
+                 "'<act>: {act}\\n<prompt>: {prompt}' (default: inferred from the columns; "
+                 "two-column tables use the model's chat template when it has one)")
+
+
+class _Help(argparse.HelpFormatter):
+    """Show every option's default beside its help line."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if not hidden and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own usage errors also exit 2, in one line
+        print(f"habit: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _add_settings(parser: argparse.ArgumentParser, cls: type) -> None:
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.type if isinstance(f.type, type) else eval(f.type, {})  # "int | None" etc.
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"].replace("%", "%%"))
+            continue
+        base = next((t for t in (bool, int, float, str) if t == kind or t in getattr(kind, "__args__", ())), str)
+        parser.add_argument(flag, type=base, default=f.default, metavar=f.name.upper(),
+                            help=f.metadata["help"].replace("%", "%%"))
+
+
+def _settings(args: argparse.Namespace, cls: type) -> Any:
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _fields(pairs: Sequence[str] | None) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        name, eq, value = pair.partition("=")
+        if not eq or not name:
+            raise HabitError(f"--field {pair!r}: expected NAME=VALUE")
+        out[name] = value
+    return out
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, ensure_ascii=False), flush=True)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from habit import data, rundir
+    from habit.training import train
+
+    lora, settings = _settings(args, LoraSettings), _settings(args, TrainSettings)
+    out = args.out or os.path.join("runs", _run_name(args.data))
+    rundir.check_new(out, args.force)  # before any model loads
+    table = data.load_examples(args.data, template=args.template, response=args.response)
+    console = _console()
+    console.print(f"[bold]{table.source}[/]: {len(table.examples)} examples, shape {table.shape}"
+                  + (f", {table.duplicates} exact duplicates dropped" if table.duplicates else ""))
+    with _progress(console) as (progress, task):
+        def on_log(row: dict) -> None:
+            if "loss" in row:
+                progress.update(task, total=row["total_steps"], completed=row["step"],
+                                info=f"loss {row['loss']:.3f}  {row['tokens_per_s']:.0f} tok/s")
+            elif "val_loss" in row:
+                progress.console.print(f"epoch {row['epoch']}: val loss {row['val_loss']:.4f}")
+
+        result = train(table, out, model=args.model, lora=lora, settings=settings,
+                       force=args.force, on_log=on_log)
+    if result.dropped:
+        console.print(f"[yellow]{len(result.dropped)} examples longer than --max-len "
+                      f"{settings.max_len} were dropped[/] (first: {result.dropped[0][0]})")
+    if args.json:
+        _print_json(result.to_dict())
+    else:
+        val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+        console.print(f"[green]done[/]: {result.run_dir}  train loss {result.train_loss:.4f}  "
+                      f"val loss {val}  {result.tokens_per_s:.0f} tokens/s  {result.seconds:.0f} s")
+        console.print(f"next: habit compare {result.run_dir} \"<an input>\"")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from habit.adapters import load_run
+    from habit.generation import answer
+
+    settings = _settings(args, GenerationSettings)
+    inputs = args.inputs or ([None] if args.field else [])
+    if not inputs:
+        raise HabitError("give at least one input (or --field NAME=VALUE)")
+    run = load_run(args.run)
+    for g in answer(run, inputs, settings, _fields(args.field), base=args.base):
+        if args.json:
+            _print_json({"input": g.input, "text": g.text, "finish_reason": g.finish_reason,
+                         "tokens": g.tokens, "model": "base" if args.base else "tuned"})
+        else:
+            print(g.text + ("" if g.finish_reason == "stop" else " […]"), flush=True)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from habit.adapters import load_run
+    from habit.generation import compare
+
+    settings = _settings(args, GenerationSettings)
+    run = load_run(args.run)
+    rows = compare(run, args.inputs, settings, _fields(args.field))
+    if args.json:
+        for row in rows:
+            _print_json({"input": row["input"], "base": row["base"].to_dict(),
+                         "tuned": row["tuned"].to_dict()})
+        return 0
+    print_comparison(rows)
+    return 0
+
+
+def print_comparison(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="base vs tuned", show_lines=True, expand=True)
+    table.add_column("input", ratio=1)
+    table.add_column("base", ratio=3)
+    table.add_column("tuned", ratio=3)
+    for row in rows:
+        cells = [g.text.strip() + (" [dim](stopped)[/]" if g.finish_reason == "stop" else
+                                   " [red](cut at the token limit)[/]") for g in (row["base"], row["tuned"])]
+        table.add_row(row["input"], *cells)
+    Console().print(table)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from habit.adapters import load_run
+    from habit.data import Message
+    from habit.generation import build_prompt, stream
+
+    settings = _settings(args, GenerationSettings)
+    run = load_run(args.run)
+    chat_mode = run.template.kind == "chat"
+    fields = run.template.input_fields()
+    print(f"habit chat: {args.run} ({run.template.describe()}). Empty line or Ctrl-D quits.",
+          file=sys.stderr)
+    history: list[Message] = []
+    while True:
+        try:
+            line = input("> " if not fields or len(fields) == 1 else f"{fields[0]}> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if not line.strip():
+            return 0
+        if chat_mode and args.history:
+            history.append(Message("user", line))
+            prompt = build_prompt(run.template, run.tokenizer, messages=history)
+        else:
+            prompt = build_prompt(run.template, run.tokenizer, line)
+        reply = []
+        for piece in stream(run.model, run.tokenizer, run.template, prompt, run.stop, settings):
+            if isinstance(piece, dict):
+                if piece["finish_reason"] == "length":
+                    print(" […]", end="")
+                break
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        if chat_mode and args.history:
+            history.append(Message("assistant", "".join(reply)))
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from habit import data
+
+    table = data.load_examples(args.data, template=args.template, response=args.response)
+    train, val = data.split(table, args.val_frac, args.seed)
+    report: dict[str, Any] = {
+        "source": table.source, "shape": table.shape, "columns": list(table.columns),
+        "prompt_format": table.prompt_format, "response": table.response,
+        "examples": len(table.examples), "duplicates_dropped": table.duplicates,
+        "train": len(train), "val": len(val),
+    }
+    if args.model:
+        report.update(_token_stats(table, args))
+    if args.json:
+        _print_json(report)
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"habit data check: {table.source}", show_header=False)
+    for key, value in report.items():
+        if key != "too_long":
+            t.add_row(key, str(value))
+    Console().print(t)
+    for where, n in report.get("too_long", [])[:10]:
+        print(f"  too long: {where} ({n} tokens > --max-len {args.max_len}; dropped in training)")
+    return 0
+
+
+def _token_stats(table, args) -> dict:
+    from habit import models, render
+
+    tokenizer = models.load_tokenizer(models.resolve(args.model))
+    template = render.choose_template(table, tokenizer)
+    stop = [tokenizer.eos_token_id]
+    kept, dropped = render.encode_all(table.examples, template, tokenizer, stop, args.max_len)
+    lengths = sorted(len(e) for e in kept) or [0]
+    targets = sum(sum(e.loss) for e in kept)
+    return {"template": template.describe(), "tokens": sum(lengths), "loss_tokens": targets,
+            "length_min": lengths[0], "length_median": lengths[len(lengths) // 2],
+            "length_max": lengths[-1], "too_long": dropped}
+
+
+def cmd_data_preview(args: argparse.Namespace) -> int:
+    from habit import data, models, render
+
+    table = data.load_examples(args.data, template=args.template, response=args.response)
+    tokenizer = models.load_tokenizer(models.resolve(args.model))
+    template = render.choose_template(table, tokenizer)
+    # stop ids from the tokenizer alone: preview must not load the model's weights
+    stop = [tokenizer.eos_token_id]
+    examples = table.examples[: args.n]
+    encoded = [render.encode(ex, template, tokenizer, stop, args.train_on_prompt) for ex in examples]
+    if args.json:
+        for ex, enc in zip(examples, encoded):
+            _print_json({"where": ex.where, "text": tokenizer.decode(enc.ids), "ids": list(enc.ids),
+                         "loss": [int(x) for x in enc.loss]})
+        return 0
+    print(f"template: {template.describe()}")
+    print("tokens inside ⟦ ⟧ carry loss (the response and its end-of-sequence token)\n")
+    for ex, enc in zip(examples, encoded):
+        print(f"── {ex.where}  ({len(enc)} tokens, {sum(enc.loss)} with loss)")
+        print(render.show(enc, tokenizer))
+        print()
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def _run_name(data_path: str) -> str:
+    stem = os.path.splitext(os.path.basename(os.path.normpath(str(data_path))))[0] or "run"
+    name, n = stem, 1
+    while os.path.exists(os.path.join("runs", name)):
+        n += 1
+        name = f"{stem}-{n}"
+    return name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="habit", formatter_class=_Help,
+                     description="Teach a language model a new behaviour from a table of examples, "
+                                 "with LoRA.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def command(name: str, help: str, parent=sub) -> argparse.ArgumentParser:
+        return parent.add_parser(name, help=help, description=help, formatter_class=_Help)
+
+    def data_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("data", help="CSV/TSV/JSON/JSONL/Parquet file, saved dataset dir or hub dataset")
+        p.add_argument("--template", help=TEMPLATE_HELP)
+        p.add_argument("--response", help="the column holding the response (default: inferred)")
+
+    p = command("train", "train a LoRA adapter and write a run directory")
+    data_flags(p)
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="alias, local HF model dir, .gguf file or hub id")
+    p.add_argument("--out", help="run directory (default: runs/<data file name>)")
+    _add_settings(p, LoraSettings)
+    _add_settings(p, TrainSettings)
+    p.add_argument("--force", action="store_true", help="replace an existing run directory")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=cmd_train)
+
+    p = command("generate", "answer inputs with a trained run (or its base)")
+    p.add_argument("run", help="run directory written by 'habit train'")
+    p.add_argument("inputs", nargs="*", help="inputs, e.g. a role such as 'Linux Terminal'")
+    p.add_argument("--field", action="append", metavar="NAME=VALUE",
+                   help="set a named template field (repeatable)")
+    p.add_argument("--base", action="store_true", help="answer with the base model (adapter off)")
+    _add_settings(p, GenerationSettings)
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per input: input, text, finish_reason, tokens")
+    p.set_defaults(func=cmd_generate)
+
+    p = command("compare", "base vs tuned answers side by side (one model load)")
+    p.add_argument("run", help="run directory written by 'habit train'")
+    p.add_argument("inputs", nargs="+", help="inputs to answer")
+    p.add_argument("--field", action="append", metavar="NAME=VALUE",
+                   help="set a named template field for every input (repeatable)")
+    _add_settings(p, GenerationSettings)
+    p.add_argument("--json", action="store_true", help="one JSON object per input")
+    p.set_defaults(func=cmd_compare)
+
+    p = command("chat", "talk to a run interactively, tokens streamed as they come")
+    p.add_argument("run", help="run directory written by 'habit train'")
+    p.add_argument("--history", action="store_true",
+                   help="keep earlier turns in the prompt (chat-template runs only)")
+    _add_settings(p, GenerationSettings)
+    p.set_defaults(func=cmd_chat)
+
+    data = command("data", "look at a data file without training")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
+    data.set_defaults(func=lambda a: (data.print_help(), 0)[1])
+
+    p = command("check", "counts, shape, split, token lengths and problems", data_sub)
+    data_flags(p)
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="tokenizer for token counts ('' skips them)")
+    p.add_argument("--max-len", type=int, default=TrainSettings.max_len, help="as in train")
+    p.add_argument("--val-frac", type=float, default=TrainSettings.val_frac, help="as in train")
+    p.add_argument("--seed", type=int, default=TrainSettings.seed, help="as in train")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(func=cmd_data_check)
+
+    p = command("preview", "rendered examples with the tokens that carry loss marked", data_sub)
+    data_flags(p)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="tokenizer (and chat template) to use")
+    p.add_argument("-n", type=int, default=3, help="how many examples to show")
+    p.add_argument("--train-on-prompt", action="store_true", help="as in train")
+    p.add_argument("--json", action="store_true", help="one JSON object per example")
+    p.set_defaults(func=cmd_data_preview)
+    return parser
+
+
+def _version() -> str:
+    from habit import __version__
+
+    return f"habit {__version__}"
+
+
+class _progress:
+    """A rich progress bar with loss and tokens/s; a no-op shell when stderr is not a terminal."""
+
+    def __init__(self, console):
+        self.console = console
+
+    def __enter__(self):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                                 TextColumn("ETA"), TimeRemainingColumn(), console=self.console)
+        self.progress.start()
+        return self.progress, self.progress.add_task("train", total=None, info="loading model")
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+        return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    _quiet_libraries()
+    try:
+        return args.func(args) or 0
+    except HabitError as e:
+        print(f"habit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("habit: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    # transformers' per-tensor progress bars and advisory warnings drown habit's own output.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*requires_grad=True to a scalar.*")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

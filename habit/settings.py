@@ -1,0 +1,122 @@
+"""Every setting habit has, each defined once.
+
+A setting is a dataclass field whose metadata holds its one-line help. The CLI builds its flags from
+these fields (so `--help`, the defaults and the library agree), and `run.json` stores them as they
+were used. Each class checks its values on creation and raises HabitError naming the setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from habit.errors import HabitError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _opt(default: Any, help: str, flag: str | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = _opt(16, "LoRA rank r: size of the low-rank update")
+    alpha: float = _opt(32.0, "LoRA alpha: the update is scaled by alpha/rank")
+    dropout: float = _opt(
+        0.0, "dropout on the LoRA input (0 by default: on a CPU its random masks cost ~20% of a step)"
+    )
+    targets: str = _opt(
+        "all-linear",
+        "modules that get adapters: 'all-linear' or a comma list such as q_proj,v_proj",
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, "--rank must be at least 1")
+        _check(self.alpha > 0, "--alpha must be positive")
+        _check(0 <= self.dropout < 1, "--dropout must be in [0, 1)")
+        _check(bool(self.targets.strip()), "--targets must name at least one module")
+
+    def target_modules(self) -> str | list[str]:
+        if self.targets == "all-linear":
+            return "all-linear"
+        return [t.strip() for t in self.targets.split(",") if t.strip()]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: float = _opt(3.0, "passes over the training split (ignored when --steps is given)")
+    steps: int | None = _opt(None, "optimizer steps to run instead of --epochs")
+    lr: float = _opt(1e-3, "peak learning rate (linear warm-up, then cosine decay to 10%)")
+    warmup: float = _opt(0.05, "fraction of the steps spent warming up the learning rate")
+    batch_tokens: int = _opt(
+        2048, "tokens per optimizer step (examples are packed, no padding is trained on)"
+    )
+    grad_accum: int = _opt(1, "micro-batches per optimizer step (each holds --batch-tokens/N)")
+    max_len: int = _opt(
+        1024, "longest example in tokens; longer examples are dropped (never cut: a cut loses EOS)"
+    )
+    val_frac: float = _opt(0.1, "fraction of examples held out for validation (split by input)")
+    seed: int = _opt(0, "random seed for LoRA init, data order and split")
+    weight_decay: float = _opt(0.0, "AdamW weight decay on the LoRA weights")
+    max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0 turns clipping off)")
+    precision: str = _opt(
+        "auto", "auto | bf16 | fp32: weights and compute dtype (auto: bf16 where the hardware has it)"
+    )
+    train_on_prompt: bool = _opt(False, "also train on prompt tokens (default: response + EOS only)")
+    eval_every: int = _opt(0, "log a small generation eval every N steps (0: off)")
+    save_every: int = _opt(0, "write a resumable checkpoint every N steps (0: at each epoch end)")
+    keep_checkpoints: int = _opt(2, "how many recent checkpoints to keep")
+    report_to: str = _opt("none", "none | tensorboard | mlflow | wandb (through accelerate)")
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "--epochs must be positive")
+        _check(self.steps is None or self.steps >= 1, "--steps must be at least 1")
+        _check(self.lr > 0, "--lr must be positive")
+        _check(0 <= self.warmup < 1, "--warmup must be in [0, 1)")
+        _check(self.batch_tokens >= 16, "--batch-tokens must be at least 16")
+        _check(self.grad_accum >= 1, "--grad-accum must be at least 1")
+        _check(self.max_len >= 8, "--max-len must be at least 8")
+        _check(
+            self.batch_tokens // self.grad_accum >= self.max_len,
+            f"--batch-tokens/--grad-accum ({self.batch_tokens // self.grad_accum}) must be at least "
+            f"--max-len ({self.max_len}) so the longest example fits a micro-batch",
+        )
+        _check(0 <= self.val_frac <= 0.9, "--val-frac must be in [0, 0.9]")
+        _check(self.weight_decay >= 0, "--weight-decay must not be negative")
+        _check(self.max_grad_norm >= 0, "--max-grad-norm must not be negative")
+        _check(self.precision in ("auto", "bf16", "fp32"), "--precision must be auto, bf16 or fp32")
+        _check(self.eval_every >= 0 and self.save_every >= 0, "--eval-every/--save-every must be >= 0")
+        _check(self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1")
+        _check(
+            self.report_to in ("none", "tensorboard", "mlflow", "wandb"),
+            "--report-to must be none, tensorboard, mlflow or wandb",
+        )
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = _opt(256, "most tokens to generate per answer")
+    temperature: float = _opt(0.0, "sampling temperature (0: greedy, reproducible)")
+    top_p: float = _opt(1.0, "nucleus sampling: keep the smallest token set with this much mass")
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 1, "--max-new-tokens must be at least 1")
+        _check(self.temperature >= 0, "--temperature must not be negative")
+        _check(0 < self.top_p <= 1, "--top-p must be in (0, 1]")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise HabitError(message)
+
+
+def as_dict(settings: Any) -> dict[str, Any]:
+    return dataclasses.asdict(settings)
+
+
+def from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Rebuild settings from run.json, ignoring keys a newer or older habit wrote."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})

@@ -1,0 +1,355 @@
+"""Training: a plain loop over packed batches, with accelerate carrying devices and DDP.
+
+Why a hand loop and not Trainer: habit packs several examples into one row with position ids
+that restart at 0 per example (transformers then builds a block-diagonal causal mask, so examples
+do not see each other) and asks the model for logits only where a token carries loss — both are a
+few lines here and awkward through Trainer's collators. accelerate makes the same loop run
+unchanged under `accelerate launch` or `torchrun` (DDP), with rank 0 writing the run directory.
+
+Data order is a pure function of (seed, epoch), so a resumed or multi-process run sees the same
+batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from habit import adapters, models, rundir
+from habit.data import Table, split
+from habit.errors import HabitError
+from habit.render import Encoded, Template, choose_template, encode_all
+from habit.settings import DEFAULT_MODEL, LoraSettings, TrainSettings, as_dict
+
+ROW_ALIGN = 64  # row lengths round up to this: fewer distinct shapes, friendlier matmul sizes
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Rows of packed examples: ids, position ids (restarting per example) and the loss mask."""
+
+    rows: tuple[tuple[Encoded, ...], ...]
+    width: int
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(e) for row in self.rows for e in row)
+
+    @property
+    def targets(self) -> int:
+        return sum(sum(e.loss[1:]) + 0 for row in self.rows for e in row)
+
+
+def pack(examples: Sequence[Encoded], width: int) -> list[list[Encoded]]:
+    """First-fit: put each example in the first row with room, else open a new row."""
+    rows: list[list[Encoded]] = []
+    room: list[int] = []
+    for ex in examples:
+        for i, free in enumerate(room):
+            if len(ex) <= free:
+                rows[i].append(ex)
+                room[i] -= len(ex)
+                break
+        else:
+            rows.append([ex])
+            room.append(width - len(ex))
+    return rows
+
+
+def row_width(encoded: Sequence[Encoded], max_len: int) -> int:
+    longest = max(len(e) for e in encoded)
+    return min(max_len, -(-longest // ROW_ALIGN) * ROW_ALIGN) if longest < max_len else max_len
+
+
+def plan_epoch(encoded: Sequence[Encoded], width: int, micro_tokens: int, seed: int, epoch: int,
+               shuffle: bool = True) -> list[Batch]:
+    """The micro-batches of one epoch, in order. Same inputs → same batches, on every rank."""
+    order = list(encoded)
+    if shuffle:
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    rows = pack(order, width)
+    per_batch = max(1, micro_tokens // width)
+    return [Batch(tuple(tuple(r) for r in rows[i : i + per_batch]), width)
+            for i in range(0, len(rows), per_batch)]
+
+
+def tensors(batch: Batch, pad_id: int, train_on_all: bool = False):
+    """(input_ids, position_ids, keep) for a batch; keep[b, t] marks positions whose next token is
+    a target, which is exactly where logits are needed."""
+    import torch
+
+    n, width = len(batch.rows), batch.width
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    pos = torch.zeros((n, width), dtype=torch.long)
+    loss = torch.zeros((n, width), dtype=torch.bool)
+    for b, row in enumerate(batch.rows):
+        t = 0
+        for ex in row:
+            k = len(ex)
+            ids[b, t : t + k] = torch.tensor(ex.ids)
+            pos[b, t : t + k] = torch.arange(k)
+            # the first token of an example is never a target: nothing before it in its own sequence
+            loss[b, t + 1 : t + k] = torch.tensor(ex.loss[1:], dtype=torch.bool)
+            t += k
+        # padding at the row end: positions restart, so it is a separate (masked) sequence
+        pos[b, t:] = torch.arange(width - t)
+    keep = torch.zeros_like(loss)
+    keep[:, :-1] = loss[:, 1:]
+    return ids, pos, keep, ids[:, 1:][loss[:, 1:]]
+
+
+def batch_loss(model, batch: Batch, pad_id: int, device):
+    """Summed cross-entropy over the batch's targets, and the number of targets."""
+    import torch.nn.functional as F
+
+    ids, pos, keep, targets = tensors(batch, pad_id)
+    ids, pos, keep, targets = ids.to(device), pos.to(device), keep.to(device), targets.to(device)
+    # attention_mask=None + restarting position_ids → block-diagonal causal attention per example;
+    # use_cache=False is required for that (with a cache, attention leaks across examples).
+    out = model(input_ids=ids, position_ids=pos, logits_to_keep=keep, use_cache=False)
+    logits = out.logits.reshape(-1, out.logits.shape[-1])
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel()
+
+
+def eval_loss(model, batches: Sequence[Batch], pad_id: int, device) -> float | None:
+    """Mean response-token loss over the batches (None when there is nothing to evaluate)."""
+    import torch
+
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            loss, n = batch_loss(model, batch, pad_id, device)
+            total += float(loss)
+            count += n
+    model.train(was_training)
+    return total / count if count else None
+
+
+def lr_at(step: int, total: int, warmup: float) -> float:
+    """Multiplier of the peak lr: linear warm-up, then cosine down to 10%."""
+    warm = max(1, round(total * warmup)) if warmup > 0 else 0
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    train_loss: float | None
+    val_loss: float | None
+    tokens_per_s: float
+    steps: int
+    train_examples: int
+    val_examples: int
+    dropped: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def versions() -> dict:
+    import accelerate
+    import peft
+    import torch
+    import transformers
+
+    import habit
+
+    return {"habit": habit.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "accelerate": accelerate.__version__, "python": sys.version.split()[0]}
+
+
+def train(table: Table, out: str | os.PathLike, model: str = DEFAULT_MODEL,
+          lora: LoraSettings = LoraSettings(), settings: TrainSettings = TrainSettings(),
+          force: bool = False, on_log: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train a LoRA adapter on `table` and write a run directory to `out`."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    rundir.check_new(out, force)
+    source = models.resolve(model)
+    train_ex, val_ex = split(table, settings.val_frac, settings.seed)
+    if not train_ex:
+        raise HabitError(f"{table.source}: no training examples left after the validation split")
+
+    log_with = None if settings.report_to == "none" else settings.report_to
+    accelerator = Accelerator(log_with=log_with, project_dir=str(out))
+    device = accelerator.device
+    main = accelerator.is_main_process
+    set_seed(settings.seed)
+    dtype = models.best_dtype(settings.precision, device.type)
+    base, tokenizer = models.load_model(source, dtype=dtype, device=str(device))
+    template = choose_template(table, tokenizer)
+    stop = models.stop_ids(tokenizer, base)
+    train_enc, dropped = encode_all(train_ex, template, tokenizer, stop, settings.max_len,
+                                    settings.train_on_prompt)
+    val_enc, val_dropped = encode_all(val_ex, template, tokenizer, stop, settings.max_len,
+                                      settings.train_on_prompt)
+    if not train_enc:
+        raise HabitError(f"{table.source}: every example is longer than --max-len {settings.max_len}")
+
+    width = row_width(train_enc + val_enc, settings.max_len)
+    micro = settings.batch_tokens // settings.grad_accum
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_step = world * settings.grad_accum
+    steps_per_epoch = max(1, len(plan_epoch(train_enc, width, micro, settings.seed, 0)) // per_step)
+    total = settings.steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
+    val_batches = plan_epoch(val_enc, width, micro, settings.seed, 0, shuffle=False)[rank::world]
+
+    model = adapters.attach(base, lora)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, settings.warmup))
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    run = Path(out)
+    info = {
+        "status": "running",
+        "base": {"source": source.given, "kind": source.kind, "sha256": models.content_hash(source)},
+        "template": template.to_dict(),
+        "template_text": template.describe(),
+        "data": {"source": table.source, "shape": table.shape, "sha256": table.sha256,
+                 "examples": len(table.examples), "duplicates_dropped": table.duplicates,
+                 "train": len(train_enc), "val": len(val_enc),
+                 "too_long_dropped": [list(d) for d in dropped + val_dropped]},
+        "settings": {"lora": as_dict(lora), "train": as_dict(settings)},
+        "plan": {"steps": total, "steps_per_epoch": steps_per_epoch, "row_width": width,
+                 "processes": world, "dtype": str(dtype).replace("torch.", "")},
+        "versions": versions(),
+    }
+    if main:
+        rundir.create(run, force)
+        (run / "checkpoints").mkdir(exist_ok=True)
+        rundir.write_json(run / rundir.RUN_FILE, info)
+        if log_with:
+            accelerator.init_trackers("habit", config=_flat(info["settings"]))
+    accelerator.wait_for_everyone()
+
+    def log(row: dict) -> None:
+        if main:
+            rundir.append_jsonl(run / rundir.METRICS_FILE, row)
+            if log_with:
+                accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))},
+                                step=row.get("step"))
+        if on_log and main:
+            on_log(row)
+
+    pad_id = tokenizer.pad_token_id
+    start = time.perf_counter()
+    seen_tokens = 0
+    train_loss = val_loss = None
+    epoch, cursor, batches = -1, 0, []
+    for step in range(total):
+        if cursor + per_step > len(batches):  # next epoch: a fresh deterministic order
+            epoch += 1
+            batches, cursor = plan_epoch(train_enc, width, micro, settings.seed, epoch), 0
+            if len(batches) < per_step:  # tiny data: repeat so every rank has its share
+                batches = batches * math.ceil(per_step / len(batches))
+        mine = batches[cursor + rank * settings.grad_accum : cursor + (rank + 1) * settings.grad_accum]
+        cursor += per_step
+        targets = sum(b.targets for b in mine)
+        step_loss = 0.0
+        for k, batch in enumerate(mine):
+            sync = k == len(mine) - 1
+            ctx = accelerator.no_sync(model) if not sync and world > 1 else _nullcontext()
+            with ctx:
+                loss, n = batch_loss(model, batch, pad_id, device)
+                accelerator.backward(loss / max(1, targets))
+            step_loss += float(loss.detach())
+            seen_tokens += batch.tokens * world
+        if not math.isfinite(step_loss):
+            raise HabitError(f"step {step + 1}: loss is {step_loss} (not finite); lower --lr? "
+                             "the last checkpoint is intact")
+        if settings.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_loss = step_loss / max(1, targets)
+        elapsed = time.perf_counter() - start
+        log({"step": step + 1, "epoch": round(epoch + cursor / max(1, len(batches)), 3),
+             "loss": round(train_loss, 5), "lr": scheduler.get_last_lr()[0],
+             "tokens": seen_tokens, "tokens_per_s": round(seen_tokens / elapsed, 1),
+             "elapsed_s": round(elapsed, 2), "total_steps": total})
+        epoch_end = cursor + per_step > len(batches) or step + 1 == total
+        if val_batches and epoch_end:
+            val_loss = _mean_across(accelerator, eval_loss(model, val_batches, pad_id, device))
+            log({"step": step + 1, "epoch": epoch + 1, "val_loss": round(val_loss, 5)})
+        if settings.save_every and (step + 1) % settings.save_every == 0 or epoch_end:
+            save_checkpoint(accelerator, model, optimizer, scheduler, run, step + 1,
+                            settings.keep_checkpoints)
+
+    elapsed = time.perf_counter() - start
+    result = TrainResult(str(run), train_loss, val_loss, round(seen_tokens / elapsed, 1), total,
+                         len(train_enc), len(val_enc), [list(d) for d in dropped], round(elapsed, 2))
+    if main:
+        adapters.save(accelerator.unwrap_model(model), run)
+        info.update(status="done", result=result.to_dict())
+        rundir.write_json(run / rundir.RUN_FILE, info)
+    accelerator.wait_for_everyone()
+    if log_with:
+        accelerator.end_training()
+    return result
+
+
+def save_checkpoint(accelerator, model, optimizer, scheduler, run: Path, step: int, keep: int) -> None:
+    """checkpoints/step-N: adapter + optimizer + scheduler + RNG, via a temp dir and a rename."""
+    import torch
+
+    if not accelerator.is_main_process:
+        return
+    folder = run / "checkpoints"
+    final = folder / f"step-{step:07d}"
+    if final.exists():
+        return
+    tmp = folder / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    accelerator.unwrap_model(model).save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "step": step, "rng": torch.get_rng_state(), "python_rng": random.getstate()},
+               tmp / "state.pt")
+    os.replace(tmp, final)
+    for old in sorted(folder.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _mean_across(accelerator, value: float | None) -> float | None:
+    if accelerator.num_processes == 1 or value is None:
+        return value
+    import torch
+
+    return float(accelerator.reduce(torch.tensor([value], device=accelerator.device), "mean")[0])
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
