@@ -52,12 +52,12 @@ class LoadedRun:
 
 def load_run(run: str | Path, device: str = "cpu", dtype=None, check_hash: bool = True) -> LoadedRun:
     """Load a run's base model (as run.json names it) with the run's adapter on top."""
-    from peft import PeftModel
-
     run = Path(run)
     info = rundir.read_run(run)
-    if not (run / "adapter_config.json").is_file():
-        raise HabitError(f"{run}: no adapter in this run (training unfinished or failed?)")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (run / name).is_file():
+            raise HabitError(f"{run}: no {name} in this run (training unfinished or failed?)")
+    from peft import PeftModel  # after the checks: a wrong path should fail fast, not after torch loads
     source = models.resolve(info["base"]["source"])
     if check_hash and info["base"].get("sha256") and source.kind != "hub":
         found = models.content_hash(source)

@@ -79,12 +79,13 @@ def _print_json(obj: Any) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from habit import data, rundir
+    from habit import data, models, rundir
     from habit.training import train
 
     lora, settings = _settings(args, LoraSettings), _settings(args, TrainSettings)
     out = args.out or os.path.join("runs", _run_name(args.data))
     rundir.check_new(out, args.force)  # before any model loads
+    models.resolve(args.model)  # a bad --model fails here, in one line, before any output
     table = data.load_examples(args.data, template=args.template, response=args.response)
     console = _console()
     console.print(f"[bold]{table.source}[/]: {len(table.examples)} examples, shape {table.shape}"
@@ -92,8 +93,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     with _progress(console) as (progress, task):
         def on_log(row: dict) -> None:
             if "loss" in row:
-                progress.update(task, total=row["total_steps"], completed=row["step"],
-                                info=f"loss {row['loss']:.3f}  {row['tokens_per_s']:.0f} tok/s")
+                info = f"loss {row['loss']:.3f}  {row['tokens_per_s']:.0f} tok/s"
+                progress.update(task, total=row["total_steps"], completed=row["step"], info=info)
+                every = max(1, row["total_steps"] // 10)
+                if not console.is_terminal and (row["step"] % every == 0 or row["step"] == 1):
+                    console.print(f"step {row['step']}/{row['total_steps']}: {info}")
             elif "val_loss" in row:
                 progress.console.print(f"epoch {row['epoch']}: val loss {row['val_loss']:.4f}")
 
@@ -197,6 +201,92 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print()
         if chat_mode and args.history:
             history.append(Message("assistant", "".join(reply)))
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from habit.export import merge
+
+    path = merge(args.run, args.out, force=args.force)
+    if args.json:
+        _print_json({"path": str(path)})
+    else:
+        print(f"merged model: {path}  (load it with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from habit.export import export_gguf
+
+    path = export_gguf(args.run, args.gguf, dtype=args.dtype, ollama=args.ollama, force=args.force)
+    result = {"path": str(path)}
+    if args.ollama:
+        result["modelfile"] = str(path.parent / "Modelfile")
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"GGUF ({args.dtype}): {path}")
+        if args.ollama:
+            print(f"Ollama: cd {path.parent} && ollama create NAME -f Modelfile")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from habit.adapters import load_run
+    from habit.evaluate import evaluate
+
+    settings = _settings(args, GenerationSettings)
+    run = load_run(args.run)
+    result = evaluate(run, data=args.data, n=args.n, expect_prefix=args.expect_prefix,
+                      expect_regex=args.expect_regex, settings=settings)
+    report = None
+    if args.report:
+        from habit.report import write_report
+
+        report = str(write_report(args.run, args.report))
+    if args.json:
+        _print_json({k: v for k, v in result.items() if k != "examples"} | {"report": report})
+        return 0
+    print_eval(result)
+    if report:
+        print(f"report: {report}")
+    return 0
+
+
+def print_eval(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    expect = result["expectation"]
+    wanted = expect["prefix"] or expect["regex"] or "none"
+    table = Table(title=f"{result['run']}: {result['n']} held-out examples from {result['data']}")
+    for col in ("metric", "base", "tuned"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    rows = [("stop rate (ended by itself)", "stop_rate"), (f"expectation rate ({wanted!r})", "expectation_rate"),
+            ("loop rate", "loop_rate"), ("similarity to reference", "similarity"),
+            ("ROUGE-L", "rouge_l"), ("held-out response loss", "loss"), ("perplexity", "perplexity")]
+    for name, key in rows:
+        table.add_row(name, *(_num(result[side][key]) for side in ("base", "tuned")))
+    table.add_row("median length (tokens; reference "
+                  f"{_num(result['reference']['length']['median'])})",
+                  *(_num(result[side]["length"]["median"]) for side in ("base", "tuned")))
+    Console().print(table)
+    if expect["origin"] != "given":
+        print(f"expectation {expect['origin']}")
+
+
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from habit.report import write_report
+
+    path = write_report(args.run, args.out)
+    if args.json:
+        _print_json({"report": str(path)})
+    else:
+        print(f"report: {path}")
+    return 0
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
@@ -331,6 +421,42 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(p, GenerationSettings)
     p.set_defaults(func=cmd_chat)
 
+    p = command("eval", "measure the behaviour change: base vs tuned on held-out examples")
+    p.add_argument("run", help="run directory written by 'habit train'")
+    p.add_argument("--data", help="evaluate on this file instead of the run's validation split")
+    p.add_argument("--n", type=int, default=50, help="how many held-out examples to generate for")
+    p.add_argument("--expect-prefix", help="answers should begin with this (case and spacing ignored; "
+                                           "default: the opening most training responses share)")
+    p.add_argument("--expect-regex", help="answers should match this regular expression")
+    _add_settings(p, GenerationSettings)
+    p.add_argument("--report", metavar="FILE", help="also write the HTML report to FILE")
+    p.add_argument("--json", action="store_true",
+                   help="print the metrics object {base: {...}, tuned: {...}, ...} (also saved as RUN/eval.json)")
+    p.set_defaults(func=cmd_eval)
+
+    p = command("report", "write the HTML report from what a run already holds (no model load)")
+    p.add_argument("run", help="run directory written by 'habit train'")
+    p.add_argument("--out", help="HTML file to write (default: RUN/report.html)")
+    p.add_argument("--json", action="store_true", help="print {report: path}")
+    p.set_defaults(func=cmd_report)
+
+    p = command("merge", "merge a run's adapter into its base: a standalone Hugging Face model folder")
+    p.add_argument("run", help="run directory written by 'habit train'")
+    p.add_argument("--out", required=True, help="folder to write (safetensors, tokenizer, chat template)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--json", action="store_true", help='print {"path": ...}')
+    p.set_defaults(func=cmd_merge)
+
+    p = command("export", "write a run as one GGUF file for llama.cpp / Ollama (Llama-architecture models)")
+    p.add_argument("run", help="run directory written by 'habit train', or a 'habit merge' folder")
+    p.add_argument("--gguf", required=True, metavar="FILE", help="GGUF file to write, e.g. tuned.gguf")
+    p.add_argument("--dtype", default="f16", help="weight type: f16 | q8_0 (norms stay f32)")
+    p.add_argument("--ollama", action="store_true",
+                   help="also write an Ollama Modelfile beside the GGUF, with the run's prompt template")
+    p.add_argument("--force", action="store_true", help="replace an existing GGUF file / Modelfile")
+    p.add_argument("--json", action="store_true", help='print {"path": ..., "modelfile": ...}')
+    p.set_defaults(func=cmd_export)
+
     data = command("data", "look at a data file without training")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
     data.set_defaults(func=lambda a: (data.print_help(), 0)[1])
@@ -368,6 +494,9 @@ class _progress:
         self.console = console
 
     def __enter__(self):
+        if not self.console.is_terminal:
+            self.progress = None
+            return _NoProgress(self.console), None
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.progress = Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -377,8 +506,19 @@ class _progress:
         return self.progress, self.progress.add_task("train", total=None, info="loading model")
 
     def __exit__(self, *exc):
-        self.progress.stop()
+        if self.progress is not None:
+            self.progress.stop()
         return False
+
+
+class _NoProgress:
+    """Stands in for rich's Progress in logs and pipes: updates are dropped, prints go through."""
+
+    def __init__(self, console):
+        self.console = console
+
+    def update(self, *args, **kwargs) -> None:
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:

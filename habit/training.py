@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from habit import adapters, models, rundir
-from habit.data import Table, split
+from habit import adapters, metrics, models, rundir
+from habit.data import Example, Table, split
 from habit.errors import HabitError
 from habit.render import Encoded, Template, choose_template, encode_all
 from habit.settings import DEFAULT_MODEL, LoraSettings, TrainSettings, as_dict
@@ -223,7 +223,9 @@ def train(table: Table, out: str | os.PathLike, model: str = DEFAULT_MODEL,
         "base": {"source": source.given, "kind": source.kind, "sha256": models.content_hash(source)},
         "template": template.to_dict(),
         "template_text": template.describe(),
-        "data": {"source": table.source, "shape": table.shape, "sha256": table.sha256,
+        "data": {"source": table.source, "path": _abspath(table.source), "shape": table.shape,
+                 "sha256": table.sha256, "template_arg": _template_arg(table),
+                 "response_arg": table.response,
                  "examples": len(table.examples), "duplicates_dropped": table.duplicates,
                  "train": len(train_enc), "val": len(val_enc),
                  "too_long_dropped": [list(d) for d in dropped + val_dropped]},
@@ -287,6 +289,11 @@ def train(table: Table, out: str | os.PathLike, model: str = DEFAULT_MODEL,
              "tokens": seen_tokens, "tokens_per_s": round(seen_tokens / elapsed, 1),
              "elapsed_s": round(elapsed, 2), "total_steps": total})
         epoch_end = cursor + per_step > len(batches) or step + 1 == total
+        if settings.eval_every and ((step + 1) % settings.eval_every == 0 or step + 1 == total):
+            if main:
+                row = probe(accelerator.unwrap_model(model), tokenizer, template, stop, val_ex or train_ex)
+                log({"step": step + 1, **row})
+            accelerator.wait_for_everyone()
         if val_batches and epoch_end:
             val_loss = _mean_across(accelerator, eval_loss(model, val_batches, pad_id, device))
             log({"step": step + 1, "epoch": epoch + 1, "val_loss": round(val_loss, 5)})
@@ -307,6 +314,34 @@ def train(table: Table, out: str | os.PathLike, model: str = DEFAULT_MODEL,
     if log_with:
         accelerator.end_training()
     return result
+
+
+# How far --eval-every's generation probe looks: a few fixed prompts, enough tokens for typical answers.
+PROBE_PROMPTS = 8
+PROBE_TOKENS = 256
+
+
+def probe(model, tokenizer, template: Template, stop: Sequence[int], examples: Sequence[Example]) -> dict:
+    """A small greedy generation eval during training (--eval-every): on the first few held-out
+    examples, how often the model stops by itself, opens like the references, and loops."""
+    from habit.generation import generate
+    from habit.render import prompt_text
+    from habit.settings import GenerationSettings
+
+    chosen = list(examples[:PROBE_PROMPTS])
+    refs = [e.messages[-1].content if e.messages else e.fields[template.response] for e in chosen]
+    prompts = [prompt_text(template, tokenizer, messages=list(e.messages[:-1])) if e.messages
+               else prompt_text(template, tokenizer, fields=e.fields) for e in chosen]
+    was_training = model.training
+    model.eval()
+    gens = generate(model, tokenizer, template, prompts, stop,
+                    GenerationSettings(max_new_tokens=PROBE_TOKENS))
+    model.train(was_training)
+    texts = [g.text for g in gens]
+    expect = metrics.common_prefix(refs, min_share=0.75) if len(refs) > 1 else None
+    return {"gen_stop_rate": metrics.stopped_rate([g.finish_reason for g in gens]),
+            "gen_expectation_rate": metrics.expectation_rate(texts, expect) if expect else None,
+            "gen_loop_rate": metrics.loop_rate(texts), "gen_n": len(gens)}
 
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, run: Path, step: int, keep: int) -> None:
@@ -337,6 +372,17 @@ def _mean_across(accelerator, value: float | None) -> float | None:
     import torch
 
     return float(accelerator.reduce(torch.tensor([value], device=accelerator.device), "mean")[0])
+
+
+def _abspath(source: str) -> str:
+    return os.path.abspath(source) if os.path.exists(source) else source
+
+
+def _template_arg(table: Table) -> str | None:
+    """The --template a later command needs to read the same data the same way (None: inferred)."""
+    if not table.text_template:
+        return None
+    return f"{table.prompt_format}{{{table.response}}}"
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
