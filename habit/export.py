@@ -1,0 +1,342 @@
+"""Ship a run: merge the adapter into its base, write a GGUF file, and an Ollama Modelfile.
+
+`merge` writes a plain Hugging Face model folder (safetensors, tokenizer with its chat template,
+generation config) that `from_pretrained` loads with no habit and no peft; `habit-merge.json` beside
+it keeps the run's template and stop tokens, so `export_gguf` can start from either folder.
+
+GGUF (llama.cpp's `llama` architecture, written with the `gguf` package; no llama.cpp build needed):
+
+    model.embed_tokens.weight                   → token_embd.weight
+    model.layers.N.input_layernorm.weight       → blk.N.attn_norm.weight
+    model.layers.N.self_attn.{q,k,v,o}_proj     → blk.N.attn_{q,k,v,output}.weight
+    model.layers.N.post_attention_layernorm     → blk.N.ffn_norm.weight
+    model.layers.N.mlp.{gate,up,down}_proj      → blk.N.ffn_{gate,up,down}.weight
+    model.norm.weight                           → output_norm.weight
+    lm_head.weight                              → output.weight (only when not tied to token_embd)
+
+The q/k permutation: the Hugging Face Llama code rotates each head's dimension i together with
+i + head_dim/2 ("rotate_half"), while llama.cpp's llama rope rotates neighbours (2i, 2i+1), the
+layout of Meta's original weights. HF's conversion script reordered the rows of q_proj and k_proj
+to get from one to the other, so a GGUF writer must undo that, per head:
+`w.reshape(heads, 2, head_dim/2, in).swapaxes(1, 2)` (k with the key/value head count). A wrong or
+missing permutation still loads and runs — it only produces garbage — so a test reads the file back
+through transformers' GGUF loader (which applies the inverse) and compares logits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from habit import models, rundir
+from habit.data import Message
+from habit.errors import HabitError
+from habit.render import Template, prompt_text
+
+MERGE_FILE = "habit-merge.json"
+DTYPES = ("f16", "q8_0")
+
+# Hugging Face's pre-tokenizer for Llama 3 style vocabularies, as its tokenizer.json spells it.
+_LLAMA3_SPLIT = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
+    "| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
+
+
+# ---------------------------------------------------------------- merge
+
+
+def merge(run_dir: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> Path:
+    """Merge a run's adapter into its base and save a standalone Hugging Face model folder."""
+    out = rundir.check_new(out, force)  # before the model loads
+    model, tokenizer, meta = _merge_in_memory(run_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp)  # safetensors + config.json + generation_config.json
+        tokenizer.save_pretrained(tmp)  # the chat template travels with the tokenizer
+        rundir.write_json(tmp / MERGE_FILE, meta)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _merge_in_memory(run_dir):
+    import torch
+
+    from habit.adapters import load_run
+
+    # fp32 whatever the run trained in: merging adds a small update to each weight, and in bf16
+    # much of it would round away.
+    run = load_run(run_dir, dtype=torch.float32)
+    model = run.model.merge_and_unload()
+    meta = {"run": str(Path(run_dir).resolve()), "base": run.info["base"],
+            "template": run.info["template"], "template_text": run.info.get("template_text"),
+            "stop": run.stop, "stop_tokens": run.tokenizer.convert_ids_to_tokens(run.stop)}
+    return model, run.tokenizer, meta
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    # os.replace moves a folder only onto a missing or empty one: set a forced old output aside
+    # first, so a crash leaves the old folder or the new one, never a mix.
+    old = None
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def _load_tuned(source: str | os.PathLike):
+    """(model, tokenizer, meta) from a run directory (merged here) or a `habit merge` folder."""
+    import torch
+
+    source = Path(source)
+    if (source / rundir.RUN_FILE).is_file():
+        return _merge_in_memory(source)
+    if (source / MERGE_FILE).is_file():
+        meta = json.loads((source / MERGE_FILE).read_text(encoding="utf-8"))
+        model, tokenizer = models.load_model(str(source), dtype=torch.float32)
+        return model, tokenizer, meta
+    if not source.is_dir():
+        raise HabitError(f"{source}: no such run directory")
+    raise HabitError(f"{source}: neither a habit run (no {rundir.RUN_FILE}) "
+                     f"nor a 'habit merge' folder (no {MERGE_FILE})")
+
+
+# ---------------------------------------------------------------- GGUF
+
+
+def export_gguf(source: str | os.PathLike, out_path: str | os.PathLike, dtype: str = "f16",
+                ollama: bool = False, force: bool = False) -> Path:
+    """Write a run (or a merged folder) as one GGUF file; with `ollama`, a Modelfile beside it."""
+    if dtype not in DTYPES:
+        raise HabitError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    out = Path(out_path)
+    for path in [out] + ([out.parent / "Modelfile"] if ollama else []):
+        if path.exists() and not force:
+            raise HabitError(f"{path}: already exists; pass --force to replace it")
+    if not out.parent.is_dir():
+        raise HabitError(f"{out.parent}: no such folder")
+    model, tokenizer, meta = _load_tuned(source)
+    _check_llama(model.config)
+
+    import gguf
+
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch="llama")
+        writer.add_name(f"{Path(meta.get('run') or source).name} (habit)")
+        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16"
+                             else gguf.LlamaFileType.MOSTLY_Q8_0)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _write_hparams(writer, model.config)
+        _write_tokenizer(writer, tokenizer, model.config.vocab_size)
+        _write_tensors(writer, model, dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    if ollama:
+        template = Template.from_dict(meta["template"])
+        text = modelfile(template, tokenizer, out.name, meta.get("stop"))
+        rundir.write_atomic(out.parent / "Modelfile", text)
+    return out
+
+
+def _check_llama(config) -> None:
+    if config.model_type != "llama":
+        raise HabitError(f"GGUF export supports Llama-architecture models; this one is "
+                         f"'{config.model_type}'")
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise HabitError(f"GGUF export: rope scaling '{rope['rope_type']}' is not supported yet")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise HabitError("GGUF export: Llama models with bias terms are not supported yet")
+    if config.hidden_act != "silu":
+        raise HabitError(f"GGUF export: activation '{config.hidden_act}' is not llama's silu")
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _write_hparams(writer, config) -> None:
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    writer.add_rope_dimension_count(_head_dim(config))
+    writer.add_vocab_size(config.vocab_size)
+    if _head_dim(config) != config.hidden_size // config.num_attention_heads:
+        writer.add_key_length(_head_dim(config))  # llama.cpp assumes hidden/heads otherwise
+        writer.add_value_length(_head_dim(config))
+
+
+def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
+    import gguf
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    bpe = state["model"]
+    if bpe.get("type") != "BPE" or (state.get("decoder") or {}).get("type") != "ByteLevel":
+        raise HabitError("GGUF export supports byte-level BPE tokenizers (GPT-2 style) only; "
+                         f"this one is {bpe.get('type')} with a {(state.get('decoder') or {}).get('type')} "
+                         "decoder")
+    by_id = {i: token for token, i in tokenizer.get_vocab().items()}
+    if max(by_id) >= vocab_size:
+        raise HabitError(f"tokenizer has {max(by_id) + 1} tokens but the model only {vocab_size} rows")
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:  # embedding rows past the tokenizer (padded vocabularies)
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL if i not in added else
+                         gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer_name(state.get("pre_tokenizer")))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
+    for key, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+                          ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id)):
+        if token_id is not None:
+            getattr(writer, f"add_{key}_token_id")(token_id)
+    # Whether the tokenizer adds BOS/EOS by itself: llama.cpp does the same when the flag is set,
+    # so a text-template prompt gets the same ids there as in training.
+    ids = tokenizer("a").input_ids
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    writer.add_add_bos_token(bos is not None and ids[0] == bos and plain[0] != bos)
+    writer.add_add_eos_token(eos is not None and ids[-1] == eos and plain[-1] != eos)
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _pre_tokenizer_name(pre: dict | None) -> str:
+    """llama.cpp's name for how this tokenizer splits text before BPE (a wrong one: other ids)."""
+    steps = (pre or {}).get("pretokenizers") or ([pre] if pre else [])
+    kinds = [s["type"] for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"  # llama.cpp's name for GPT-2's own regex
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"  # GPT-2's regex, digits one by one
+    if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == _LLAMA3_SPLIT:
+        return "llama-bpe"
+    raise HabitError(f"GGUF export: the tokenizer's pre-tokenizer ({' + '.join(kinds) or 'none'}) "
+                     "has no known llama.cpp equivalent")
+
+
+_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def gguf_name(hf_name: str) -> str:
+    """llama.cpp's name for a Hugging Face Llama tensor."""
+    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    if hf_name in fixed:
+        return fixed[hf_name]
+    prefix, _, rest = hf_name.partition(".layers.")
+    layer, _, tail = rest.partition(".")
+    if prefix == "model" and layer.isdigit() and tail in _LAYER_NAMES:
+        return f"blk.{layer}.{_LAYER_NAMES[tail]}"
+    raise HabitError(f"GGUF export: no llama.cpp name for tensor '{hf_name}'")
+
+
+def permute_qk(weight, heads: int):
+    """HF's rotate-half row order → llama.cpp's interleaved rope order (see the module docstring)."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _write_tensors(writer, model, dtype: str) -> None:
+    import gguf
+    import numpy as np
+
+    config = model.config
+    state = model.state_dict()
+    embed = state["model.embed_tokens.weight"]
+    for name, tensor in state.items():
+        if name == "lm_head.weight" and tensor.data_ptr() == embed.data_ptr():
+            continue  # tied: llama.cpp reuses token_embd when output.weight is absent
+        array = tensor.detach().to("cpu").float().numpy()
+        if name.endswith("self_attn.q_proj.weight"):
+            array = permute_qk(array, config.num_attention_heads)
+        elif name.endswith("self_attn.k_proj.weight"):
+            array = permute_qk(array, config.num_key_value_heads)
+        target = gguf_name(name)
+        if array.ndim == 1:  # norms: tiny, and precision-sensitive
+            writer.add_tensor(target, array.astype(np.float32))
+        elif dtype == "q8_0" and array.shape[-1] % 32 == 0:  # Q8_0 packs rows in blocks of 32
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(target, gguf.quants.quantize(array, q8), raw_dtype=q8)
+        else:  # f16, and Q8_0's fallback for rows that do not split into blocks (as llama.cpp does)
+            writer.add_tensor(target, array.astype(np.float16))
+
+
+# ---------------------------------------------------------------- Ollama
+
+
+_MARKER = "\x00habit-prompt\x00"
+
+
+def modelfile(template: Template, tokenizer, gguf_name: str, stop: Sequence[int] | None = None) -> str:
+    """An Ollama Modelfile whose TEMPLATE renders `{{ .Prompt }}` exactly as the run's prompts.
+
+    The template comes from rendering the run's own prompt with a marker as the input and cutting
+    at the marker, so it carries whatever the chat template adds (SmolLM2's default system turn).
+    """
+    fields = template.input_fields()
+    if len(fields) == 1:
+        text = prompt_text(template, tokenizer, {fields[0]: _MARKER})
+    elif template.kind == "chat":  # chat data, or several fields: the user message is the prompt
+        text = prompt_text(template, tokenizer, messages=[Message("user", _MARKER)])
+    else:
+        raise HabitError(f"--ollama: Ollama's one {{{{ .Prompt }}}} can stand for one input field; "
+                         f"this run's template has {len(fields)} ({', '.join(fields)})")
+    if text.count(_MARKER) != 1:
+        raise HabitError("--ollama: the run's template does not place the input exactly once")
+    before, after = text.split(_MARKER)
+    go = _go_literal(before) + "{{ .Prompt }}" + _go_literal(after)
+    if '"""' in go:
+        raise HabitError('--ollama: the prompt template contains """, which a Modelfile cannot quote')
+    stop_ids = models.stop_ids(tokenizer) if stop is None else stop
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{go}"""']
+    lines += [f"PARAMETER stop {json.dumps(t)}" for t in tokenizer.convert_ids_to_tokens(list(stop_ids))]
+    lines.append("PARAMETER temperature 0")  # greedy, as habit generates by default
+    return "\n".join(lines) + "\n"
+
+
+def _go_literal(text: str) -> str:
+    # Only "{{" opens an action in Go's text/template; print it through a string constant.
+    return text.replace("{{", '{{ "{{" }}')
