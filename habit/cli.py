@@ -289,6 +289,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from habit.serve import serve
+
+    def ready(server) -> None:
+        runs = ", ".join(server.model_ids[1:])
+        print(f"serving {runs} (and base) on {server.url}  (compare page: {server.url}/; "
+              "Ctrl-C or SIGTERM stops after in-flight requests)", file=sys.stderr, flush=True)
+        if args.json:
+            _print_json({"url": server.url, "models": server.model_ids})
+
+    serve(args.runs, args.host, args.port, args.api_key, args.max_tokens_cap, ready=ready)
+    return 0
+
+
 def cmd_data_check(args: argparse.Namespace) -> int:
     from habit import data
 
@@ -439,6 +453,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="HTML file to write (default: RUN/report.html)")
     p.add_argument("--json", action="store_true", help="print {report: path}")
     p.set_defaults(func=cmd_report)
+
+    p = command("serve", "OpenAI-compatible HTTP server for runs of one base, with a base-vs-tuned page")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run directories written by 'habit train' (several: one base, many adapters)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0 makes the server reachable from other machines)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    p.add_argument("--max-tokens-cap", type=int, metavar="N",
+                   help="refuse requests for more than N max_tokens; also the default max_tokens "
+                        "(otherwise 256)")
+    p.add_argument("--json", action="store_true", help='print {"url": ..., "models": [...]} once ready')
+    p.set_defaults(func=cmd_serve)
 
     p = command("merge", "merge a run's adapter into its base: a standalone Hugging Face model folder")
     p.add_argument("run", help="run directory written by 'habit train'")
