@@ -111,18 +111,27 @@ def stream(model, tokenizer, template: Template, prompt: str, stop: Sequence[int
     holder: dict = {}
 
     def work() -> None:
-        with torch.no_grad():
-            holder["out"] = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                max_new_tokens=settings.max_new_tokens, eos_token_id=list(stop),
-                pad_token_id=tokenizer.pad_token_id, **_sampling(settings))
+        try:
+            with torch.no_grad():
+                holder["out"] = model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                    max_new_tokens=settings.max_new_tokens, eos_token_id=list(stop),
+                    pad_token_id=tokenizer.pad_token_id, **_sampling(settings))
+        except BaseException as e:  # re-raised in the caller's thread below
+            holder["error"] = e
+        finally:
+            streamer.end()  # without this a failed generate would leave the reader waiting forever
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
     yield from streamer
     thread.join()
+    if "error" in holder:
+        raise holder["error"]
     new = holder["out"][0, ids.shape[1] :].tolist()
-    yield {"finish_reason": "stop" if any(t in stop for t in new) else "length"}
+    ended = next((k for k, t in enumerate(new) if t in stop), None)
+    yield {"finish_reason": "stop" if ended is not None else "length",
+           "tokens": len(new) if ended is None else ended + 1}
 
 
 def answer(run, inputs: Sequence[str], settings: GenerationSettings = GenerationSettings(),

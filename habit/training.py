@@ -212,8 +212,8 @@ def train(table: Table, out: str | os.PathLike, model: str = DEFAULT_MODEL,
 
     model = adapters.attach(base, lora)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    weights = MasterWeights([p for p in model.parameters() if p.requires_grad])
+    optimizer = torch.optim.AdamW(weights.master, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, settings.warmup))
     model, optimizer = accelerator.prepare(model, optimizer)
 
@@ -277,11 +277,14 @@ def train(table: Table, out: str | os.PathLike, model: str = DEFAULT_MODEL,
         if not math.isfinite(step_loss):
             raise HabitError(f"step {step + 1}: loss is {step_loss} (not finite); lower --lr? "
                              "the last checkpoint is intact")
+        weights.grads_to_master()
         if settings.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(weights.master, settings.max_grad_norm)
         optimizer.step()
         scheduler.step()
+        weights.master_to_model()
         optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         train_loss = step_loss / max(1, targets)
         elapsed = time.perf_counter() - start
         log({"step": step + 1, "epoch": round(epoch + cursor / max(1, len(batches)), 3),
@@ -300,14 +303,15 @@ def train(table: Table, out: str | os.PathLike, model: str = DEFAULT_MODEL,
         last = step + 1 == total
         due = (step + 1) % settings.save_every == 0 if settings.save_every else epoch_end
         if due or last:
-            save_checkpoint(accelerator, model, optimizer, scheduler, run, step + 1,
+            save_checkpoint(accelerator, model, weights, optimizer, scheduler, run, step + 1,
                             settings.keep_checkpoints)
 
     elapsed = time.perf_counter() - start
     result = TrainResult(str(run), train_loss, val_loss, round(seen_tokens / elapsed, 1), total,
                          len(train_enc), len(val_enc), [list(d) for d in dropped], round(elapsed, 2))
     if main:
-        adapters.save(accelerator.unwrap_model(model), run)
+        with weights.in_model():
+            adapters.save(accelerator.unwrap_model(model), run)
         info.update(status="done", result=result.to_dict())
         rundir.write_json(run / rundir.RUN_FILE, info)
     accelerator.wait_for_everyone()
@@ -344,7 +348,54 @@ def probe(model, tokenizer, template: Template, stop: Sequence[int], examples: S
             "gen_loop_rate": metrics.loop_rate(texts), "gen_n": len(gens)}
 
 
-def save_checkpoint(accelerator, model, optimizer, scheduler, run: Path, step: int, keep: int) -> None:
+class MasterWeights:
+    """fp32 master copies of low-precision trainable weights.
+
+    The model computes with bf16 LoRA weights (fast, no casts); the optimizer steps fp32 copies,
+    which are copied back after each step. A bf16 weight alone would round away updates smaller
+    than ~1/256 of its size, and AdamW's late, small steps are exactly those.
+    """
+
+    def __init__(self, params):
+        import torch
+
+        self.params = list(params)
+        self.master = [p if p.dtype == torch.float32 else p.detach().float().requires_grad_(True)
+                       for p in self.params]
+
+    def grads_to_master(self) -> None:
+        for p, m in zip(self.params, self.master):
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+
+    def master_to_model(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for p, m in zip(self.params, self.master):
+                if m is not p:
+                    p.copy_(m)
+
+    def in_model(self):
+        """Context: the model holds the fp32 masters (to save adapters at full precision)."""
+        weights = self
+
+        class _Swap:
+            def __enter__(self):
+                self.saved = [p.data for p in weights.params]
+                for p, m in zip(weights.params, weights.master):
+                    p.data = m.data
+
+            def __exit__(self, *exc):
+                for p, data in zip(weights.params, self.saved):
+                    p.data = data
+                return False
+
+        return _Swap()
+
+
+def save_checkpoint(accelerator, model, weights: MasterWeights, optimizer, scheduler, run: Path,
+                    step: int, keep: int) -> None:
     """checkpoints/step-N: adapter + optimizer + scheduler + RNG, via a temp dir and a rename."""
     import torch
 
@@ -357,7 +408,8 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, run: Path, step: i
     tmp = folder / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    accelerator.unwrap_model(model).save_pretrained(tmp)
+    with weights.in_model():
+        accelerator.unwrap_model(model).save_pretrained(tmp)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "step": step, "rng": torch.get_rng_state(), "python_rng": random.getstate()},
                tmp / "state.pt")
