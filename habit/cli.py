@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from habit.errors import HabitError
+from habit.errors import HabitError, Interrupted
 from habit.settings import DEFAULT_MODEL, GenerationSettings, LoraSettings, TrainSettings
 
 TEMPLATE_HELP = ("prompt template with {field} placeholders; the response field ends it, e.g. "
@@ -82,6 +82,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from habit import data, models, rundir
     from habit.training import train
 
+    if args.resume:
+        return _resume(args)
+    if not args.data:
+        raise HabitError("give a DATA file to train on (or --resume RUN)")
     lora, settings = _settings(args, LoraSettings), _settings(args, TrainSettings)
     out = args.out or os.path.join("runs", _run_name(args.data))
     rundir.check_new(out, args.force)  # before any model loads
@@ -91,21 +95,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     console.print(f"[bold]{table.source}[/]: {len(table.examples)} examples, shape {table.shape}"
                   + (f", {table.duplicates} exact duplicates dropped" if table.duplicates else ""))
     with _progress(console) as (progress, task):
-        def on_log(row: dict) -> None:
-            if "loss" in row:
-                info = f"loss {row['loss']:.3f}  {row['tokens_per_s']:.0f} tok/s"
-                progress.update(task, total=row["total_steps"], completed=row["step"], info=info)
-                every = max(1, row["total_steps"] // 10)
-                if not console.is_terminal and (row["step"] % every == 0 or row["step"] == 1):
-                    console.print(f"step {row['step']}/{row['total_steps']}: {info}")
-            elif "val_loss" in row:
-                progress.console.print(f"epoch {row['epoch']}: val loss {row['val_loss']:.4f}")
-
+        on_log = _train_logger(console, progress, task)
         result = train(table, out, model=args.model, lora=lora, settings=settings,
                        force=args.force, on_log=on_log)
+    _print_trained(args, console, result, settings.max_len)
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from habit.training import resume
+
+    if args.data:
+        raise HabitError("--resume takes the run directory only; the data comes from its run.json")
+    console = _console()
+    console.print(f"resuming [bold]{args.resume}[/] from its latest checkpoint")
+    with _progress(console) as (progress, task):
+        result = resume(args.resume, on_log=_train_logger(console, progress, task))
+    _print_trained(args, console, result, None)
+    return 0
+
+
+def _train_logger(console, progress, task):
+    def on_log(row: dict) -> None:
+        if "loss" in row:
+            info = f"loss {row['loss']:.3f}  {row['tokens_per_s']:.0f} tok/s"
+            progress.update(task, total=row["total_steps"], completed=row["step"], info=info)
+            every = max(1, row["total_steps"] // 10)
+            if not console.is_terminal and (row["step"] % every == 0 or row["step"] == 1):
+                console.print(f"step {row['step']}/{row['total_steps']}: {info}")
+        elif "val_loss" in row:
+            progress.console.print(f"epoch {row['epoch']}: val loss {row['val_loss']:.4f}")
+
+    return on_log
+
+
+def _print_trained(args, console, result, max_len: int | None) -> None:
     if result.dropped:
         console.print(f"[yellow]{len(result.dropped)} examples longer than --max-len "
-                      f"{settings.max_len} were dropped[/] (first: {result.dropped[0][0]})")
+                      f"{max_len} were dropped[/] (first: {result.dropped[0][0]})")
     if args.json:
         _print_json(result.to_dict())
     else:
@@ -113,7 +140,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         console.print(f"[green]done[/]: {result.run_dir}  train loss {result.train_loss:.4f}  "
                       f"val loss {val}  {result.tokens_per_s:.0f} tokens/s  {result.seconds:.0f} s")
         console.print(f"next: habit compare {result.run_dir} \"<an input>\"")
-    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -392,13 +418,16 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help: str, parent=sub) -> argparse.ArgumentParser:
         return parent.add_parser(name, help=help, description=help, formatter_class=_Help)
 
-    def data_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("data", help="CSV/TSV/JSON/JSONL/Parquet file, saved dataset dir or hub dataset")
+    def data_flags(p: argparse.ArgumentParser, optional: bool = False) -> None:
+        p.add_argument("data", nargs="?" if optional else None,
+                       help="CSV/TSV/JSON/JSONL/Parquet file, saved dataset dir or hub dataset")
         p.add_argument("--template", help=TEMPLATE_HELP)
         p.add_argument("--response", help="the column holding the response (default: inferred)")
 
     p = command("train", "train a LoRA adapter and write a run directory")
-    data_flags(p)
+    data_flags(p, optional=True)  # DATA is left out with --resume
+    p.add_argument("--resume", metavar="RUN",
+                   help="continue RUN from its latest checkpoint (settings and data from its run.json)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="alias, local HF model dir, .gguf file or hub id")
     p.add_argument("--out", help="run directory (default: runs/<data file name>)")
@@ -557,6 +586,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return args.func(args) or 0
+    except Interrupted as e:
+        print(f"habit: {e}", file=sys.stderr)
+        return 130
     except HabitError as e:
         print(f"habit: error: {e}", file=sys.stderr)
         return 2

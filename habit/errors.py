@@ -8,3 +8,7 @@ line and exits with code 2; library callers can catch it.
 
 class HabitError(Exception):
     """A problem with the user's input or environment, not a bug in habit."""
+
+
+class Interrupted(HabitError):
+    """Training stopped on request (Ctrl-C / SIGTERM) after saving a checkpoint; exit code 130."""

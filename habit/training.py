@@ -12,6 +12,8 @@ batches as an uninterrupted one.
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 import os
 import random
@@ -24,7 +26,7 @@ from typing import Callable, Sequence
 
 from habit import adapters, metrics, models, rundir
 from habit.data import Example, Table, split
-from habit.errors import HabitError
+from habit.errors import HabitError, Interrupted
 from habit.render import Encoded, Template, choose_template, encode_all
 from habit.settings import DEFAULT_MODEL, LoraSettings, TrainSettings, as_dict
 
@@ -176,18 +178,102 @@ def train(table: Table, out: str | os.PathLike, model: str = DEFAULT_MODEL,
           lora: LoraSettings = LoraSettings(), settings: TrainSettings = TrainSettings(),
           force: bool = False, on_log: Callable[[dict], None] | None = None) -> TrainResult:
     """Train a LoRA adapter on `table` and write a run directory to `out`."""
+    rundir.check_new(out, force)
+    source = models.resolve(model)
+    return _fit(table, Path(out), source, lora, settings, on_log, force=force)
+
+
+def resume(run: str | os.PathLike, on_log: Callable[[dict], None] | None = None) -> TrainResult:
+    """Continue a run from its latest complete checkpoint, with the settings in its run.json.
+
+    The data order is a function of (seed, epoch), and the checkpoint holds the fp32 master
+    weights, optimizer, scheduler and RNG state, so the result matches an uninterrupted run."""
+    from habit.data import load_examples
+    from habit.settings import from_dict
+
+    run = Path(run)
+    info = rundir.read_run(run)
+    checkpoint = latest_checkpoint(run)
+    if checkpoint is None:
+        raise HabitError(f"{run}: no complete checkpoint to resume from")
+    d = info["data"]
+    table = load_examples(d.get("path") or d["source"], template=d.get("template_arg"),
+                          response=d.get("response_arg"))
+    if table.sha256 != d["sha256"]:
+        raise HabitError(f"{d.get('path')}: the data changed since this run started (sha256 differs)")
+    source = models.resolve(info["base"]["source"])
+    if source.kind != "hub" and models.content_hash(source) != info["base"]["sha256"]:
+        raise HabitError(f"{run}: base model '{source.given}' changed since this run started")
+    lora = from_dict(LoraSettings, info["settings"]["lora"])
+    settings = from_dict(TrainSettings, info["settings"]["train"])
+    return _fit(table, run, source, lora, settings, on_log, checkpoint=checkpoint)
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    """The newest checkpoints/step-N folder; temp folders of a write that was cut are ignored."""
+    done = sorted(p for p in (run / "checkpoints").glob("step-*") if (p / "state.pt").is_file())
+    return done[-1] if done else None
+
+
+def schedule(encoded: Sequence[Encoded], width: int, micro: int, seed: int, per_step: int):
+    """Yield (epoch, fraction of the epoch done, the step's micro-batches for all ranks, epoch end)
+    forever. A pure function of its inputs: resuming at step N is skipping N items."""
+    epoch = 0
+    while True:
+        batches = plan_epoch(encoded, width, micro, seed, epoch)
+        if len(batches) < per_step:  # tiny data: repeat so every rank has its share
+            batches = batches * math.ceil(per_step / len(batches))
+        steps = len(batches) // per_step
+        for k in range(steps):
+            yield epoch, (k + 1) / steps, batches[k * per_step : (k + 1) * per_step], k + 1 == steps
+        epoch += 1
+
+
+class _StopFlag:
+    """Ctrl-C / SIGTERM ask training to stop after the current step (and save); a second Ctrl-C
+    interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.saved = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
+         settings: TrainSettings, on_log: Callable[[dict], None] | None, force: bool = False,
+         checkpoint: Path | None = None) -> TrainResult:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    rundir.check_new(out, force)
-    source = models.resolve(model)
     train_ex, val_ex = split(table, settings.val_frac, settings.seed)
     if not train_ex:
         raise HabitError(f"{table.source}: no training examples left after the validation split")
 
     log_with = None if settings.report_to == "none" else settings.report_to
-    accelerator = Accelerator(log_with=log_with, project_dir=str(out))
+    accelerator = Accelerator(log_with=log_with, project_dir=str(run))
     device = accelerator.device
     main = accelerator.is_main_process
     set_seed(settings.seed)
@@ -215,9 +301,11 @@ def train(table: Table, out: str | os.PathLike, model: str = DEFAULT_MODEL,
     weights = MasterWeights([p for p in model.parameters() if p.requires_grad])
     optimizer = torch.optim.AdamW(weights.master, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, settings.warmup))
+    first, seen_tokens = 0, 0
+    if checkpoint is not None:
+        first, seen_tokens = load_checkpoint(checkpoint, weights, optimizer, scheduler)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    run = Path(out)
     info = {
         "status": "running",
         "base": {"source": source.given, "kind": source.kind, "sha256": models.content_hash(source)},
@@ -235,8 +323,16 @@ def train(table: Table, out: str | os.PathLike, model: str = DEFAULT_MODEL,
         "versions": versions(),
     }
     if main:
-        rundir.create(run, force)
-        (run / "checkpoints").mkdir(exist_ok=True)
+        if checkpoint is None:
+            rundir.create(run, force)
+            (run / "checkpoints").mkdir(exist_ok=True)
+        else:  # forget what the cut run logged after its last checkpoint, and its half-written ones
+            for tmp in (run / "checkpoints").glob(".tmp-*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+            kept = [r for r in rundir.read_jsonl(run / rundir.METRICS_FILE) if r.get("step", 0) <= first]
+            rundir.write_atomic(run / rundir.METRICS_FILE,
+                                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+            info["resumed_from"] = first
         rundir.write_json(run / rundir.RUN_FILE, info)
         if log_with:
             accelerator.init_trackers("habit", config=_flat(info["settings"]))
@@ -251,63 +347,71 @@ def train(table: Table, out: str | os.PathLike, model: str = DEFAULT_MODEL,
         if on_log and main:
             on_log(row)
 
+    def save(step: int) -> None:
+        save_checkpoint(accelerator, model, weights, optimizer, scheduler, run, step,
+                        settings.keep_checkpoints, seen_tokens)
+
     pad_id = tokenizer.pad_token_id
-    start = time.perf_counter()
-    seen_tokens = 0
+    start, start_tokens = time.perf_counter(), seen_tokens
     train_loss = val_loss = None
-    epoch, cursor, batches = -1, 0, []
-    for step in range(total):
-        if cursor + per_step > len(batches):  # next epoch: a fresh deterministic order
-            epoch += 1
-            batches, cursor = plan_epoch(train_enc, width, micro, settings.seed, epoch), 0
-            if len(batches) < per_step:  # tiny data: repeat so every rank has its share
-                batches = batches * math.ceil(per_step / len(batches))
-        mine = batches[cursor + rank * settings.grad_accum : cursor + (rank + 1) * settings.grad_accum]
-        cursor += per_step
-        targets = sum(b.targets for b in mine)
-        step_loss = 0.0
-        for k, batch in enumerate(mine):
-            sync = k == len(mine) - 1
-            ctx = accelerator.no_sync(model) if not sync and world > 1 else _nullcontext()
-            with ctx:
-                loss, n = batch_loss(model, batch, pad_id, device)
-                accelerator.backward(loss / max(1, targets))
-            step_loss += float(loss.detach())
-            seen_tokens += batch.tokens * world
-        if not math.isfinite(step_loss):
-            raise HabitError(f"step {step + 1}: loss is {step_loss} (not finite); lower --lr? "
-                             "the last checkpoint is intact")
-        weights.grads_to_master()
-        if settings.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(weights.master, settings.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        weights.master_to_model()
-        optimizer.zero_grad(set_to_none=True)
-        model.zero_grad(set_to_none=True)
-        train_loss = step_loss / max(1, targets)
-        elapsed = time.perf_counter() - start
-        log({"step": step + 1, "epoch": round(epoch + cursor / max(1, len(batches)), 3),
-             "loss": round(train_loss, 5), "lr": scheduler.get_last_lr()[0],
-             "tokens": seen_tokens, "tokens_per_s": round(seen_tokens / elapsed, 1),
-             "elapsed_s": round(elapsed, 2), "total_steps": total})
-        epoch_end = cursor + per_step > len(batches) or step + 1 == total
-        if settings.eval_every and ((step + 1) % settings.eval_every == 0 or step + 1 == total):
-            if main:
-                row = probe(accelerator.unwrap_model(model), tokenizer, template, stop, val_ex or train_ex)
-                log({"step": step + 1, **row})
-            accelerator.wait_for_everyone()
-        if val_batches and epoch_end:
-            val_loss = _mean_across(accelerator, eval_loss(model, val_batches, pad_id, device))
-            log({"step": step + 1, "epoch": epoch + 1, "val_loss": round(val_loss, 5)})
-        last = step + 1 == total
-        due = (step + 1) % settings.save_every == 0 if settings.save_every else epoch_end
-        if due or last:
-            save_checkpoint(accelerator, model, weights, optimizer, scheduler, run, step + 1,
-                            settings.keep_checkpoints)
+    plan = itertools.islice(schedule(train_enc, width, micro, settings.seed, per_step), first, total)
+    with _StopFlag() as stop_flag:
+        for step, (epoch, done, step_batches, epoch_end) in enumerate(plan, start=first):
+            mine = step_batches[rank * settings.grad_accum : (rank + 1) * settings.grad_accum]
+            targets = sum(b.targets for b in mine)
+            step_loss = 0.0
+            for k, batch in enumerate(mine):
+                sync = k == len(mine) - 1
+                ctx = accelerator.no_sync(model) if not sync and world > 1 else _nullcontext()
+                with ctx:
+                    loss, n = batch_loss(model, batch, pad_id, device)
+                    accelerator.backward(loss / max(1, targets))
+                step_loss += float(loss.detach())
+                seen_tokens += batch.tokens * world
+            weights.grads_to_master()
+            grads_ok = all(m.grad is None or bool(torch.isfinite(m.grad).all()) for m in weights.master)
+            finite, stopping = _agree(accelerator, math.isfinite(step_loss) and grads_ok,
+                                      stop_flag.requested)
+            if not finite:
+                raise HabitError(f"step {step + 1}: the loss or a gradient is not finite (loss "
+                                 f"{step_loss / max(1, targets):.4g}); try a lower --lr. The last "
+                                 "checkpoint is intact: habit train --resume can continue from it")
+            if settings.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(weights.master, settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            weights.master_to_model()
+            optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
+            train_loss = step_loss / max(1, targets)
+            elapsed = time.perf_counter() - start
+            log({"step": step + 1, "epoch": round(epoch + done, 3), "loss": round(train_loss, 5),
+                 "lr": scheduler.get_last_lr()[0], "tokens": seen_tokens,
+                 "tokens_per_s": round((seen_tokens - start_tokens) / elapsed, 1),
+                 "elapsed_s": round(elapsed, 2), "total_steps": total})
+            last = step + 1 == total
+            if settings.eval_every and ((step + 1) % settings.eval_every == 0 or last):
+                if main:
+                    row = probe(accelerator.unwrap_model(model), tokenizer, template, stop,
+                                val_ex or train_ex)
+                    log({"step": step + 1, **row})
+                accelerator.wait_for_everyone()
+            if val_batches and (epoch_end or last):
+                val_loss = _mean_across(accelerator, eval_loss(model, val_batches, pad_id, device))
+                log({"step": step + 1, "epoch": round(epoch + done, 3), "val_loss": round(val_loss, 5)})
+            due = (step + 1) % settings.save_every == 0 if settings.save_every else epoch_end
+            if due or last or stopping:
+                save(step + 1)
+            if stopping and not last:
+                if main:
+                    rundir.write_json(run / rundir.RUN_FILE, info | {"status": "interrupted",
+                                                                     "stopped_at": step + 1})
+                raise Interrupted(f"stopped at step {step + 1}/{total}; checkpoint saved. "
+                                  f"Continue with: habit train --resume {run}")
 
     elapsed = time.perf_counter() - start
-    result = TrainResult(str(run), train_loss, val_loss, round(seen_tokens / elapsed, 1), total,
+    result = TrainResult(str(run), train_loss, val_loss,
+                         round((seen_tokens - start_tokens) / max(elapsed, 1e-9), 1), total,
                          len(train_enc), len(val_enc), [list(d) for d in dropped], round(elapsed, 2))
     if main:
         with weights.in_model():
@@ -318,6 +422,17 @@ def train(table: Table, out: str | os.PathLike, model: str = DEFAULT_MODEL,
     if log_with:
         accelerator.end_training()
     return result
+
+
+def _agree(accelerator, finite: bool, stopping: bool) -> tuple[bool, bool]:
+    """All ranks must take the same branch (stop, or raise on NaN), or DDP deadlocks."""
+    if accelerator.num_processes == 1:
+        return finite, stopping
+    import torch
+
+    flags = torch.tensor([0.0 if finite else 1.0, 1.0 if stopping else 0.0], device=accelerator.device)
+    flags = accelerator.reduce(flags, "sum")
+    return bool(flags[0] == 0), bool(flags[1] > 0)
 
 
 # How far --eval-every's generation probe looks: a few fixed prompts, enough tokens for typical answers.
@@ -395,8 +510,9 @@ class MasterWeights:
 
 
 def save_checkpoint(accelerator, model, weights: MasterWeights, optimizer, scheduler, run: Path,
-                    step: int, keep: int) -> None:
-    """checkpoints/step-N: adapter + optimizer + scheduler + RNG, via a temp dir and a rename."""
+                    step: int, keep: int, seen_tokens: int = 0) -> None:
+    """checkpoints/step-N: adapter (fp32) + state.pt (master weights, optimizer, scheduler, RNG),
+    written into a temp folder and renamed, so a kill mid-write leaves no half checkpoint."""
     import torch
 
     if not accelerator.is_main_process:
@@ -410,12 +526,36 @@ def save_checkpoint(accelerator, model, weights: MasterWeights, optimizer, sched
     tmp.mkdir()
     with weights.in_model():
         accelerator.unwrap_model(model).save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "step": step, "rng": torch.get_rng_state(), "python_rng": random.getstate()},
-               tmp / "state.pt")
+    state = {"step": step, "seen_tokens": seen_tokens,
+             "master": [m.detach().clone() for m in weights.master],
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    torch.save(state, tmp / "state.pt.tmp")
+    os.replace(tmp / "state.pt.tmp", tmp / "state.pt")
     os.replace(tmp, final)
     for old in sorted(folder.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, weights: MasterWeights, optimizer, scheduler) -> tuple[int, int]:
+    """Restore a checkpoint into fresh training objects; returns (completed steps, tokens seen)."""
+    import torch
+
+    try:
+        state = torch.load(folder / "state.pt", weights_only=False)
+    except Exception as e:
+        raise HabitError(f"{folder}: cannot read checkpoint ({models._one_line(e)})") from None
+    if len(state["master"]) != len(weights.master):
+        raise HabitError(f"{folder}: checkpoint does not match the model's LoRA weights")
+    with torch.no_grad():
+        for m, saved in zip(weights.master, state["master"]):
+            m.copy_(saved)
+    weights.master_to_model()
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    random.setstate(state["python_rng"])
+    return state["step"], state["seen_tokens"]
 
 
 def _mean_across(accelerator, value: float | None) -> float | None:
