@@ -32,12 +32,26 @@ def attach(model, lora: LoraSettings):
         raise HabitError(f"--targets {lora.targets!r}: {models._one_line(e)}") from None
 
 
-def save(model, run: Path) -> None:
-    """Write adapter_config.json + adapter_model.safetensors atomically into the run dir."""
-    tmp = Path(tempfile.mkdtemp(dir=run, prefix=".adapter-"))
-    model.save_pretrained(tmp)
+def save(model, folder: Path, state_dict: dict | None = None) -> None:
+    """Write adapter_config.json + adapter_model.safetensors (PEFT's format) atomically.
+
+    `state_dict` (full parameter names → tensors) overrides the model's own LoRA weights; training
+    passes its fp32 master copies, so the file holds full-precision weights without touching the
+    model (swapping a DDP-wrapped parameter's storage makes DDP rebuild its buckets on one rank only).
+    """
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".adapter-"))
+    weights = get_peft_model_state_dict(model, state_dict=state_dict)
+    save_file({k: v.detach().contiguous() for k, v in weights.items()},
+              str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = model.peft_config["default"]
+    config.base_model_name_or_path = None  # habit's run.json names the base; no stale local path
+    config.save_pretrained(str(tmp))
     for name in os.listdir(tmp):
-        os.replace(tmp / name, run / name)
+        os.replace(tmp / name, folder / name)
     os.rmdir(tmp)
 
 

@@ -68,7 +68,12 @@ def _fields(pairs: Sequence[str] | None) -> dict[str, str]:
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    # under torchrun / accelerate launch every rank runs this CLI; only rank 0 speaks
+    return Console(stderr=True, quiet=not _is_main_process())
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _print_json(obj: Any) -> None:
@@ -133,9 +138,9 @@ def _print_trained(args, console, result, max_len: int | None) -> None:
     if result.dropped:
         console.print(f"[yellow]{len(result.dropped)} examples longer than --max-len "
                       f"{max_len} were dropped[/] (first: {result.dropped[0][0]})")
-    if args.json:
+    if args.json and _is_main_process():
         _print_json(result.to_dict())
-    else:
+    elif not args.json:
         val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
         console.print(f"[green]done[/]: {result.run_dir}  train loss {result.train_loss:.4f}  "
                       f"val loss {val}  {result.tokens_per_s:.0f} tokens/s  {result.seconds:.0f} s")
@@ -329,6 +334,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from habit import bench
+
+    options = _settings(args, bench.BenchOptions)
+    console = _console()
+    result = bench.run(options, say=lambda line: console.print(f"[dim]bench[/] {line}", highlight=False))
+    if args.out:
+        path = bench.write_sections(args.out, bench.markdown(result, args.out))
+        console.print(f"wrote {path}")
+    if args.json:
+        _print_json(result)
+    else:
+        bench.print_result(result)
+    return 0
+
+
 def cmd_data_check(args: argparse.Namespace) -> int:
     from habit import data
 
@@ -495,6 +516,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(otherwise 256)")
     p.add_argument("--json", action="store_true", help='print {"url": ..., "models": [...]} once ready')
     p.set_defaults(func=cmd_serve)
+
+    from habit.bench import BenchOptions  # light: habit.bench imports torch only inside its workers
+
+    p = command("bench", "train the tutorial's recipe, TRL and habit side by side: tokens/s, memory, MFU, loss")
+    _add_settings(p, BenchOptions)
+    p.add_argument("--out", metavar="FILE",
+                   help="also write the tables into this markdown file (only their bench:* sections change)")
+    p.add_argument("--json", action="store_true", help="print one JSON object {machine, peak_gflops, tokens, rows}")
+    p.set_defaults(func=cmd_bench)
 
     p = command("merge", "merge a run's adapter into its base: a standalone Hugging Face model folder")
     p.add_argument("run", help="run directory written by 'habit train'")

@@ -120,8 +120,8 @@ def batch_loss(model, batch: Batch, pad_id: int, device):
     return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel()
 
 
-def eval_loss(model, batches: Sequence[Batch], pad_id: int, device) -> float | None:
-    """Mean response-token loss over the batches (None when there is nothing to evaluate)."""
+def eval_sums(model, batches: Sequence[Batch], pad_id: int, device) -> tuple[float, int]:
+    """(summed response-token loss, number of targets) over the batches, without gradients."""
     import torch
 
     total, count = 0.0, 0
@@ -133,6 +133,12 @@ def eval_loss(model, batches: Sequence[Batch], pad_id: int, device) -> float | N
             total += float(loss)
             count += n
     model.train(was_training)
+    return total, count
+
+
+def eval_loss(model, batches: Sequence[Batch], pad_id: int, device) -> float | None:
+    """Mean response-token loss over the batches (None when there is nothing to evaluate)."""
+    total, count = eval_sums(model, batches, pad_id, device)
     return total / count if count else None
 
 
@@ -273,7 +279,10 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
         raise HabitError(f"{table.source}: no training examples left after the validation split")
 
     log_with = None if settings.report_to == "none" else settings.report_to
-    accelerator = Accelerator(log_with=log_with, project_dir=str(run))
+    # accelerate only forms a CPU process group (gloo) when told cpu=True; without it, torchrun
+    # on a machine with no GPU would start N independent single-process runs.
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(log_with=log_with, project_dir=str(run), cpu=multi_cpu)
     device = accelerator.device
     main = accelerator.is_main_process
     set_seed(settings.seed)
@@ -298,7 +307,7 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
 
     model = adapters.attach(base, lora)
     model.train()
-    weights = MasterWeights([p for p in model.parameters() if p.requires_grad])
+    weights = MasterWeights([(n, p) for n, p in model.named_parameters() if p.requires_grad])
     optimizer = torch.optim.AdamW(weights.master, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, settings.warmup))
     first, seen_tokens = 0, 0
@@ -370,8 +379,9 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
                 seen_tokens += batch.tokens * world
             weights.grads_to_master()
             grads_ok = all(m.grad is None or bool(torch.isfinite(m.grad).all()) for m in weights.master)
-            finite, stopping = _agree(accelerator, math.isfinite(step_loss) and grads_ok,
-                                      stop_flag.requested)
+            finite, stopping, step_loss, targets = _agree(
+                accelerator, math.isfinite(step_loss) and grads_ok, stop_flag.requested,
+                step_loss, targets)
             if not finite:
                 raise HabitError(f"step {step + 1}: the loss or a gradient is not finite (loss "
                                  f"{step_loss / max(1, targets):.4g}); try a lower --lr. The last "
@@ -396,8 +406,8 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
                                 val_ex or train_ex)
                     log({"step": step + 1, **row})
                 accelerator.wait_for_everyone()
-            if val_batches and (epoch_end or last):
-                val_loss = _mean_across(accelerator, eval_loss(model, val_batches, pad_id, device))
+            if val_enc and (epoch_end or last):  # same condition on every rank
+                val_loss = _eval_across(accelerator, model, val_batches, pad_id, device)
                 log({"step": step + 1, "epoch": round(epoch + done, 3), "val_loss": round(val_loss, 5)})
             due = (step + 1) % settings.save_every == 0 if settings.save_every else epoch_end
             if due or last or stopping:
@@ -414,8 +424,7 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
                          round((seen_tokens - start_tokens) / max(elapsed, 1e-9), 1), total,
                          len(train_enc), len(val_enc), [list(d) for d in dropped], round(elapsed, 2))
     if main:
-        with weights.in_model():
-            adapters.save(accelerator.unwrap_model(model), run)
+        adapters.save(accelerator.unwrap_model(model), run, weights.state_dict())
         info.update(status="done", result=result.to_dict())
         rundir.write_json(run / rundir.RUN_FILE, info)
     accelerator.wait_for_everyone()
@@ -424,15 +433,19 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
     return result
 
 
-def _agree(accelerator, finite: bool, stopping: bool) -> tuple[bool, bool]:
-    """All ranks must take the same branch (stop, or raise on NaN), or DDP deadlocks."""
+def _agree(accelerator, finite: bool, stopping: bool, loss: float,
+           targets: int) -> tuple[bool, bool, float, int]:
+    """One reduction per step: whether every rank's loss and gradients are finite, whether any
+    rank was asked to stop, and the global loss sum and target count. All ranks then take the
+    same branch (stop, or raise on NaN); a branch taken by one rank alone deadlocks DDP."""
     if accelerator.num_processes == 1:
-        return finite, stopping
+        return finite, stopping, loss, targets
     import torch
 
-    flags = torch.tensor([0.0 if finite else 1.0, 1.0 if stopping else 0.0], device=accelerator.device)
-    flags = accelerator.reduce(flags, "sum")
-    return bool(flags[0] == 0), bool(flags[1] > 0)
+    flags = torch.tensor([0.0 if finite else 1.0, 1.0 if stopping else 0.0,
+                          loss if finite else 0.0, float(targets)], dtype=torch.float64)
+    flags = accelerator.reduce(flags.to(accelerator.device), "sum")
+    return bool(flags[0] == 0), bool(flags[1] > 0), float(flags[2]), int(flags[3])
 
 
 # How far --eval-every's generation probe looks: a few fixed prompts, enough tokens for typical answers.
@@ -471,10 +484,10 @@ class MasterWeights:
     than ~1/256 of its size, and AdamW's late, small steps are exactly those.
     """
 
-    def __init__(self, params):
+    def __init__(self, named_params):
         import torch
 
-        self.params = list(params)
+        self.names, self.params = zip(*named_params)
         self.master = [p if p.dtype == torch.float32 else p.detach().float().requires_grad_(True)
                        for p in self.params]
 
@@ -491,22 +504,9 @@ class MasterWeights:
                 if m is not p:
                     p.copy_(m)
 
-    def in_model(self):
-        """Context: the model holds the fp32 masters (to save adapters at full precision)."""
-        weights = self
-
-        class _Swap:
-            def __enter__(self):
-                self.saved = [p.data for p in weights.params]
-                for p, m in zip(weights.params, weights.master):
-                    p.data = m.data
-
-            def __exit__(self, *exc):
-                for p, data in zip(weights.params, self.saved):
-                    p.data = data
-                return False
-
-        return _Swap()
+    def state_dict(self) -> dict:
+        """Parameter names → fp32 masters, for saving adapters at full precision."""
+        return {name: m.detach() for name, m in zip(self.names, self.master)}
 
 
 def save_checkpoint(accelerator, model, weights: MasterWeights, optimizer, scheduler, run: Path,
@@ -524,8 +524,7 @@ def save_checkpoint(accelerator, model, weights: MasterWeights, optimizer, sched
     tmp = folder / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    with weights.in_model():
-        accelerator.unwrap_model(model).save_pretrained(tmp)
+    adapters.save(accelerator.unwrap_model(model), tmp, weights.state_dict())
     state = {"step": step, "seen_tokens": seen_tokens,
              "master": [m.detach().clone() for m in weights.master],
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -558,12 +557,17 @@ def load_checkpoint(folder: Path, weights: MasterWeights, optimizer, scheduler) 
     return state["step"], state["seen_tokens"]
 
 
-def _mean_across(accelerator, value: float | None) -> float | None:
-    if accelerator.num_processes == 1 or value is None:
-        return value
-    import torch
+def _eval_across(accelerator, model, batches: Sequence[Batch], pad_id: int, device) -> float | None:
+    """Validation loss over every rank's share. Every rank joins the reduction, even one whose
+    share is empty: a collective that only some ranks call hangs or garbles DDP."""
+    # the unwrapped model: DDP's forward broadcasts buffers, a collective of its own
+    total, count = eval_sums(accelerator.unwrap_model(model), batches, pad_id, device)
+    if accelerator.num_processes > 1:
+        import torch
 
-    return float(accelerator.reduce(torch.tensor([value], device=accelerator.device), "mean")[0])
+        sums = accelerator.reduce(torch.tensor([total, float(count)], device=accelerator.device), "sum")
+        total, count = float(sums[0]), int(sums[1])
+    return total / count if count else None
 
 
 def _abspath(source: str) -> str:

@@ -1,0 +1,173 @@
+"""habit bench: the FLOPs/MFU arithmetic, the markdown sections, the JSON shape through the real
+entry point on the tiny model, and failing variants that become rows instead of crashes.
+
+Speeds are never asserted (tests measure no wall-clock time): only that they were measured.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FIXTURES
+from habit import bench, cli, models, render
+from habit.data import load_examples
+from habit.errors import HabitError
+
+ROLES = FIXTURES / "data" / "roles.csv"
+ROW_KEYS = {"name", "tokens_per_s", "ratio", "step_s", "peak_rss_mb", "mfu", "heldout_loss", "dtype", "note"}
+
+
+# ---------------------------------------------------------------- arithmetic
+
+
+def test_flops_per_token_and_mfu_on_known_numbers():
+    # 4·100 frozen + 6·10 LoRA + 6·2 layers·8 dims·4 tokens of attention
+    assert bench.flops_per_token(100, 10, 2, 8, 4) == 400 + 60 + 384
+    # SmolLM2-135M with habit's LoRA (all-linear r16), 108-token examples: about 0.58 GFLOP per token
+    smol = bench.flops_per_token(134_479_872, 4_884_480, 30, 576, 108)
+    assert smol == pytest.approx(4 * 134_479_872 + 6 * 4_884_480 + 6 * 30 * 576 * 108)
+    # 200 tokens/s at that cost on a 400 GFLOP/s peak
+    assert bench.mfu(200, smol, 400) == pytest.approx(200 * smol / 400e9)
+    assert bench.mfu(None, smol, 400) is None and bench.mfu(200, smol, None) is None
+
+
+def test_model_flops_counts_every_matmul_weight_and_the_adapter(tiny_model, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    save_file({"a": torch.zeros(16, 32), "b": torch.zeros(64, 16)}, tmp_path / "adapter_model.safetensors")
+    config = AutoConfig.from_pretrained(tiny_model)
+    # per layer q 32x32, k and v 32x16 (2 of 4 heads), o 32x32, gate/up/down 32x64; lm_head 32xV
+    frozen = 2 * (1024 + 512 + 512 + 1024 + 3 * 2048) + 32 * config.vocab_size
+    expected = bench.flops_per_token(frozen, 16 * 32 + 64 * 16, 2, 32, 50.0)
+    assert bench._model_flops(tiny_model, tmp_path, 50.0) == pytest.approx(expected)
+
+
+def test_steady_rate_leaves_out_the_first_step():
+    # (time at the end of each step, real tokens so far): step 1 took 10 s (warm-up), then 1 s each
+    marks = [(10.0, 100), (11.0, 300), (12.0, 500)]
+    assert bench.steady_rate(marks) == (200.0, 1.0)
+    assert bench.steady_rate(marks[:1]) == (None, None)
+
+
+def test_habit_steps_consume_the_requested_tokens(tiny_model):
+    from habit import training
+
+    table = load_examples(ROLES, template=bench.TEMPLATE)
+    tokenizer = models.load_tokenizer(models.resolve(tiny_model))
+    template = render.choose_template(table, tokenizer)
+    enc, _ = render.encode_all(table.examples, template, tokenizer, models.stop_ids(tokenizer), 512)
+    assert bench.habit_steps(enc, 1, 512) == 2  # never fewer than 2: the first step is not timed
+    target = 5 * sum(len(e) for e in enc)
+    steps = bench.habit_steps(enc, target, 512)
+    plan = itertools.islice(training.schedule(enc, training.row_width(enc, 512), 2048, 0, 1), steps)
+    per_step = [sum(b.tokens for b in batches) for _, _, batches, _ in plan]
+    assert sum(per_step) >= target > sum(per_step[:-1])
+
+
+# ---------------------------------------------------------------- options and markdown
+
+
+def test_options_check_variants_and_repeat_as_a_command():
+    with pytest.raises(HabitError, match="unknown variant"):
+        bench.BenchOptions(only="recipe,nope")
+    with pytest.raises(HabitError, match="--scale-lengths"):
+        bench.BenchOptions(scale_lengths="256,abc")
+    assert bench.BenchOptions().variants() == list(bench.VARIANTS)  # --only all, the default
+    options = bench.BenchOptions(tokens=300, only="recipe,habit")
+    assert options.variants() == ["recipe", "habit"] and options.runs_train()
+    assert options.command("B.md") == ("habit bench --model smollm2-135m --data ../shared/data/prompts.csv "
+                                       "--tokens 300 --only recipe,habit --out B.md")
+    assert not bench.BenchOptions(scale=True).runs_train()
+    assert bench.BenchOptions(scale=True, train=True).runs_train()
+
+
+def test_cli_refuses_an_unknown_variant_in_one_line(capsys):
+    assert cli.main(["bench", "--only", "recipe,nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("habit: error: --only: unknown variant(s) nope")
+
+
+def test_section_replacement_keeps_the_other_sections():
+    text = ("# Benchmarks\n\nprose stays\n\n<!-- bench:train -->\nold train\n<!-- /bench:train -->\n\n"
+            "<!-- bench:serve -->\nserve table\n<!-- /bench:serve -->\ntail\n")
+    new = bench.replace_section(text, "train", "new train")
+    assert "old train" not in new and "<!-- bench:train -->\nnew train\n<!-- /bench:train -->" in new
+    assert "prose stays" in new and "serve table" in new and new.endswith("tail\n")
+    added = bench.replace_section(new, "scale", "scale table")
+    assert added.startswith(new.rstrip()) and added.endswith("<!-- /bench:scale -->\n")
+    assert bench.replace_section(added, "scale", "scale table") == added  # idempotent
+
+
+def test_write_sections_replaces_atomically(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Mine\n\n<!-- bench:other -->\nkeep me\n<!-- /bench:other -->\n")
+    bench.write_sections(path, {"train": "| a |\n|---|"})
+    bench.write_sections(path, {"train": "| b |\n|---|"})
+    text = path.read_text()
+    assert "keep me" in text and "| b |" in text and "| a |" not in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["BENCHMARKS.md"]  # no temp file left
+
+
+# ---------------------------------------------------------------- the real thing, tiny
+
+
+def test_bench_json_through_the_cli(tiny_model, tmp_path):
+    """recipe + habit on the tiny model, each in its own worker, through `python -m habit bench`."""
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\n<!-- bench:serve -->\nserve rows\n<!-- /bench:serve -->\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HABIT_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "habit", "bench", "--model", tiny_model, "--data", str(ROLES),
+                           "--tokens", "300", "--only", "recipe,habit", "--peak-size", "256", "--json",
+                           "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert {"cpu", "cores", "torch"} <= set(result["machine"])
+    assert set(result["peak_gflops"]) == {"bf16", "fp32"} and all(v > 0 for v in result["peak_gflops"].values())
+    assert result["tokens"] == 300
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == ["recipe", "habit"]
+    for row in rows.values():
+        assert ROW_KEYS <= set(row), row
+        assert not row["error"], row["note"]
+        assert row["tokens_per_s"] > 0 and row["step_s"] > 0 and row["peak_rss_mb"] > 0 and row["mfu"] > 0
+        assert math.isfinite(row["heldout_loss"])
+        assert row["tokens_trained"] >= 300 and row["steps"] >= 2
+    assert rows["recipe"]["ratio"] == 1.0 and rows["recipe"]["dtype"] == "fp32"
+    assert rows["habit"]["ratio"] == pytest.approx(rows["habit"]["tokens_per_s"] / rows["recipe"]["tokens_per_s"],
+                                                   rel=1e-2)
+    text = out.read_text()
+    assert "serve rows" in text and "<!-- bench:train -->" in text and "| recipe |" in text
+    assert "--tokens 300 --only recipe,habit" in text
+
+
+def _options(tiny_model: str, **kw) -> bench.BenchOptions:
+    return bench.BenchOptions(model=tiny_model, data=str(ROLES), tokens=300, **kw)
+
+
+PEAK = {"peak_gflops": {"bf16": 100.0, "fp32": 50.0}, "auto_dtype": "bf16",
+        "machine": {"device": "cpu"}}
+
+
+def test_a_failing_variant_is_a_row_with_a_note(tiny_model, tmp_path):
+    # every example is longer than --max-len 8: the habit worker fails, the bench carries on
+    rows = bench.train_rows(_options(tiny_model, only="habit,habit-qlora", max_len=8), tmp_path, PEAK, print)
+    failed, skipped = rows
+    assert failed["name"] == "habit" and failed["error"] and failed["note"].startswith("error: ")
+    assert failed["tokens_per_s"] is None and failed["ratio"] is None and failed["mfu"] is None
+    assert skipped["note"].startswith("skipped") and not skipped["error"]
+
+
+def test_a_worker_out_of_time_is_an_error_not_an_exception(tiny_model, tmp_path):
+    found = bench.spawn("habit", _options(tiny_model), tmp_path, timeout=1)
+    assert found == {"error": "timed out after 1 s (--timeout)"}
+    row = bench._row("habit", found, PEAK["peak_gflops"])
+    assert row["error"] and row["note"] == "error: timed out after 1 s (--timeout)"
