@@ -108,10 +108,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
+    from habit import rundir
     from habit.training import resume
 
     if args.data:
         raise HabitError("--resume takes the run directory only; the data comes from its run.json")
+    rundir.read_run(args.resume)  # not a run: one error line, before anything is printed
     console = _console()
     console.print(f"resuming [bold]{args.resume}[/] from its latest checkpoint")
     with _progress(console) as (progress, task):
@@ -152,11 +154,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from habit.generation import answer
 
     settings = _settings(args, GenerationSettings)
+    fields = _fields(args.field)
     inputs = args.inputs or ([None] if args.field else [])
     if not inputs:
         raise HabitError("give at least one input (or --field NAME=VALUE)")
     run = load_run(args.run)
-    for g in answer(run, inputs, settings, _fields(args.field), base=args.base):
+    for g in answer(run, inputs, settings, fields, base=args.base):
         if args.json:
             _print_json({"input": g.input, "text": g.text, "finish_reason": g.finish_reason,
                          "tokens": g.tokens, "model": "base" if args.base else "tuned"})

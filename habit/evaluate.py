@@ -26,11 +26,6 @@ from habit.errors import HabitError
 from habit.generation import generate
 from habit.settings import GenerationSettings
 
-EVAL_FILE = "eval.json"
-# Share of training responses that must open with the same words for that opening to become the
-# default expectation; 0.75 keeps "I want you to act as" on the tutorial table (82% of rows) and
-# stops before "... act as a", which only some rows continue with.
-PREFIX_SHARE = 0.75
 
 
 @dataclass(frozen=True)
@@ -78,15 +73,11 @@ def _training_table(run: LoadedRun):
 
 
 def reference(example: Example, run: LoadedRun) -> str:
-    if example.messages:
-        return example.messages[-1].content
-    return example.fields[run.template.response]
+    return render.example_answer(example, run.template)
 
 
 def prompt_for(example: Example, run: LoadedRun) -> str:
-    if example.messages:
-        return render.prompt_text(run.template, run.tokenizer, messages=list(example.messages[:-1]))
-    return render.prompt_text(run.template, run.tokenizer, fields=example.fields)
+    return render.example_prompt(example, run.template, run.tokenizer)
 
 
 def label(example: Example, run: LoadedRun) -> str:
@@ -106,7 +97,7 @@ def expectation(train: Sequence[Example], run: LoadedRun, prefix: str | None,
             raise HabitError(f"--expect-regex {regex!r}: {e}") from None
     if prefix or regex:
         return Expectation(prefix, regex, "given")
-    guess = metrics.common_prefix([reference(e, run) for e in train], min_share=PREFIX_SHARE)
+    guess = metrics.common_prefix([reference(e, run) for e in train], min_share=metrics.PREFIX_SHARE)
     return Expectation(guess, None, "inferred from the training responses" if guess else "none")
 
 
@@ -204,5 +195,5 @@ def evaluate(run: LoadedRun, data: str | None = None, n: int = 50,
          "tuned": outputs["tuned"][i].text, "tuned_finish": outputs["tuned"][i].finish_reason}
         for i in range(len(chosen))]
     if save:
-        rundir.write_json(Path(run.path) / EVAL_FILE, out)
+        rundir.write_json(Path(run.path) / rundir.EVAL_FILE, out)
     return out

@@ -60,10 +60,11 @@ def build_prompt(template: Template, tokenizer, text: str | None = None,
 
 
 def _sampling(settings: GenerationSettings) -> dict:
+    penalty = {"repetition_penalty": settings.repetition_penalty} if settings.repetition_penalty != 1 else {}
     if settings.temperature == 0:
-        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, **penalty}
     return {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p,
-            "top_k": None}
+            "top_k": None, **penalty}
 
 
 def generate(model, tokenizer, template: Template, prompts: Sequence[str], stop: Sequence[int],

@@ -22,6 +22,12 @@ _MIN_CHAR_REPEATS = 8
 _MAX_LOSS = 700.0
 
 
+# Share of reference answers that must open with the same words for that opening to become the
+# default expectation; 0.75 keeps "I want you to act as" on the tutorial table (82% of rows) and
+# stops before "... act as a", which only some rows continue with.
+PREFIX_SHARE = 0.75
+
+
 def _rate(flags: Iterable[bool]) -> float:
     flags = list(flags)
     return sum(flags) / len(flags) if flags else 0.0

@@ -67,6 +67,7 @@ def resolve(given: str) -> Source:
     if path.is_file():
         if path.suffix != ".gguf":
             raise HabitError(f"{given}: a model file must be .gguf (or pass a model directory)")
+        _check_gguf_header(path, given)
         return Source(given, "gguf", str(path))
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -75,6 +76,17 @@ def resolve(given: str) -> Source:
     if given.startswith((".", "/", "~")) or given.count("/") > 1 or given.endswith(".gguf"):
         raise HabitError(f"{given}: no such model file or directory")
     return Source(given, "hub", given)
+
+
+def _check_gguf_header(path: Path, given: str) -> None:
+    """Fail before anything else runs on a file that is not GGUF v2/v3 (cut download, wrong file)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or head[:4] != b"GGUF":
+        raise HabitError(f"{given}: not a GGUF file (bad magic bytes)")
+    version = int.from_bytes(head[4:8], "little")
+    if version not in (2, 3):
+        raise HabitError(f"{given}: unsupported GGUF version {version} (habit reads v2 and v3)")
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -132,6 +132,18 @@ def prompt_text(template: Template, tokenizer, fields: Mapping[str, str] | None 
     return _chat(tokenizer, messages, generation_prompt=True)
 
 
+def example_prompt(example: Example, template: Template, tokenizer) -> str:
+    """The prompt text of a held-out example: everything before its (final) answer."""
+    if example.messages:
+        return prompt_text(template, tokenizer, messages=list(example.messages[:-1]))
+    return prompt_text(template, tokenizer, fields=example.fields)
+
+
+def example_answer(example: Example, template: Template) -> str:
+    """The reference answer of an example: its response field or its final assistant turn."""
+    return example.messages[-1].content if example.messages else example.fields[template.response]
+
+
 def prompt_ids(text: str, template: Template, tokenizer) -> list[int]:
     # Chat templates write their own BOS as text; plain text gets the tokenizer's usual specials.
     return tokenizer(text, add_special_tokens=template.kind == "text").input_ids

@@ -18,7 +18,6 @@ from habit import rundir
 from habit.errors import HabitError
 
 REPORT_FILE = "report.html"
-EVAL_FILE = "eval.json"  # evaluate.EVAL_FILE; not imported, evaluate pulls in the model stack
 
 MAX_POINTS = 1500
 BASE, TUNED = "#9aa3b2", "#2563eb"
@@ -351,11 +350,11 @@ def write_report(run_dir, out=None) -> Path:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HabitError(f"{run / rundir.RUN_FILE}: corrupt run file ({e})") from None
     ev = None
-    if (run / EVAL_FILE).is_file():
+    if (run / rundir.EVAL_FILE).is_file():
         try:
-            ev = json.loads((run / EVAL_FILE).read_text(encoding="utf-8"))
+            ev = json.loads((run / rundir.EVAL_FILE).read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise HabitError(f"{run / EVAL_FILE}: corrupt eval file ({e}); run habit eval again") from None
+            raise HabitError(f"{run / rundir.EVAL_FILE}: corrupt eval file ({e}); run habit eval again") from None
     rows = rundir.read_jsonl(run / rundir.METRICS_FILE)
     path = Path(out) if out else run / REPORT_FILE
     if path.is_dir():

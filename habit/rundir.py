@@ -23,6 +23,7 @@ from habit.errors import HabitError
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.json"
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:
@@ -73,6 +74,8 @@ def check_new(out: str | Path, force: bool) -> Path:
     probe = parent
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise HabitError(f"{out}: cannot write here ({probe} is a file, not a folder)")
     if not os.access(probe, os.W_OK):
         raise HabitError(f"{out}: cannot write here ({probe} is not writable)")
     return out

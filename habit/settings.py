@@ -100,11 +100,14 @@ class GenerationSettings:
     max_new_tokens: int = _opt(256, "most tokens to generate per answer")
     temperature: float = _opt(0.0, "sampling temperature (0: greedy, reproducible)")
     top_p: float = _opt(1.0, "nucleus sampling: keep the smallest token set with this much mass")
+    repetition_penalty: float = _opt(
+        1.0, "divide the scores of tokens already in the text by this (1: off; llama.cpp uses 1.1)")
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1, "--max-new-tokens must be at least 1")
         _check(self.temperature >= 0, "--temperature must not be negative")
         _check(0 < self.top_p <= 1, "--top-p must be in (0, 1]")
+        _check(self.repetition_penalty >= 1, "--repetition-penalty must be at least 1")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -457,20 +457,19 @@ def probe(model, tokenizer, template: Template, stop: Sequence[int], examples: S
     """A small greedy generation eval during training (--eval-every): on the first few held-out
     examples, how often the model stops by itself, opens like the references, and loops."""
     from habit.generation import generate
-    from habit.render import prompt_text
+    from habit.render import example_answer, example_prompt
     from habit.settings import GenerationSettings
 
     chosen = list(examples[:PROBE_PROMPTS])
-    refs = [e.messages[-1].content if e.messages else e.fields[template.response] for e in chosen]
-    prompts = [prompt_text(template, tokenizer, messages=list(e.messages[:-1])) if e.messages
-               else prompt_text(template, tokenizer, fields=e.fields) for e in chosen]
+    refs = [example_answer(e, template) for e in chosen]
+    prompts = [example_prompt(e, template, tokenizer) for e in chosen]
     was_training = model.training
     model.eval()
     gens = generate(model, tokenizer, template, prompts, stop,
                     GenerationSettings(max_new_tokens=PROBE_TOKENS))
     model.train(was_training)
     texts = [g.text for g in gens]
-    expect = metrics.common_prefix(refs, min_share=0.75) if len(refs) > 1 else None
+    expect = metrics.common_prefix(refs, min_share=metrics.PREFIX_SHARE) if len(refs) > 1 else None
     return {"gen_stop_rate": metrics.stopped_rate([g.finish_reason for g in gens]),
             "gen_expectation_rate": metrics.expectation_rate(texts, expect) if expect else None,
             "gen_loop_rate": metrics.loop_rate(texts), "gen_n": len(gens)}

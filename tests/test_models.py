@@ -24,9 +24,18 @@ def test_resolve_model_dir(tiny_model):
 
 def test_resolve_gguf_file(tmp_path):
     path = tmp_path / "model.gguf"
-    path.write_bytes(b"GGUF not really")  # resolve only classifies; it does not read the file
+    path.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + b"rest")  # resolve reads the header only
     source = models.resolve(str(path))
     assert source.kind == "gguf" and source.path == str(path)
+
+
+@pytest.mark.parametrize("head,needle", [(b"PK\x03\x04junk", "magic"),
+                                          (b"GGUF" + (1).to_bytes(4, "little"), "version 1")])
+def test_resolve_rejects_a_bad_gguf_header(tmp_path, head, needle):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(head)
+    with pytest.raises(HabitError, match=needle):
+        models.resolve(str(path))
 
 
 def test_resolve_rejects_a_non_gguf_file(tmp_path):
@@ -170,7 +179,7 @@ def test_content_hash_of_a_dir_follows_the_weights(tiny_model, tmp_path):
 
 def test_content_hash_of_gguf_and_hub(tmp_path):
     path = tmp_path / "m.gguf"
-    path.write_bytes(b"abc")
+    path.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + b"abc")
     assert models.content_hash(models.resolve(str(path))) == models.file_sha256(path)
     assert models.content_hash(models.Source("org/m", "hub", "org/m")) == "hub:org/m"
 
