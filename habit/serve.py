@@ -316,7 +316,8 @@ def parse(body: dict, chat: bool, engine: Engine, cap: int | None) -> Request:
         settings = GenerationSettings(max_tokens, float(_get(body, "temperature", (int, float), 0)),
                                       float(_get(body, "top_p", (int, float), 1.0)),
                                       # not OpenAI's, but vLLM and llama.cpp servers take it too
-                                      float(_get(body, "repetition_penalty", (int, float), 1.0)))
+                                      float(_get(body, "repetition_penalty", (int, float),
+                                                 GenerationSettings.repetition_penalty)))
     except HabitError as e:  # the settings' own checks, in the request's words
         message = str(e).replace("--max-new-tokens", "max_tokens").replace("--top-p", "top_p")
         raise ApiError(400, message.replace("--", ""), code="invalid_value") from None

@@ -101,7 +101,8 @@ class GenerationSettings:
     temperature: float = _opt(0.0, "sampling temperature (0: greedy, reproducible)")
     top_p: float = _opt(1.0, "nucleus sampling: keep the smallest token set with this much mass")
     repetition_penalty: float = _opt(
-        1.0, "divide the scores of tokens already in the text by this (1: off; llama.cpp uses 1.1)")
+        1.1, "scale down the scores of tokens already in the text by this (1: plain greedy); 1.1 is "
+        "llama.cpp's and Ollama's default and keeps a 135M model from looping")
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1, "--max-new-tokens must be at least 1")
