@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +20,15 @@ from habit import adapters, rundir
 def test_torchrun_two_processes(tiny_model, roles_csv, tmp_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    with socket.socket() as s:  # a free port: torchrun's static rendezvous hangs on port 0
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     done = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "0", "-m", "habit", "train", roles_csv,
+        [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+         "-m", "habit", "train", roles_csv,
          "--model", tiny_model, "--out", "run", "--steps", "8", "--batch-tokens", "256",
          "--max-len", "256", "--lr", "2e-2", "--json"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(results) == 1, done.stdout  # rank 0 alone reports
