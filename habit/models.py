@@ -12,6 +12,7 @@ One resolver takes what a user types (`--model`) and decides what it is:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -89,7 +90,15 @@ def _check_gguf_header(path: Path, given: str) -> None:
         raise HabitError(f"{given}: unsupported GGUF version {version} (habit reads v2 and v3)")
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, remembered per (path, size, mtime): a load asks twice (the cache
+    key and run.json's base hash), and hashing the embedded model costs ~0.2 s each time."""
+    st = os.stat(path)
+    return _sha256(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -12,6 +12,7 @@ batches as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -46,7 +47,7 @@ class Batch:
 
     @property
     def targets(self) -> int:
-        return sum(sum(e.loss[1:]) + 0 for row in self.rows for e in row)
+        return sum(sum(e.loss[1:]) for row in self.rows for e in row)
 
 
 def pack(examples: Sequence[Encoded], width: int) -> list[list[Encoded]]:
@@ -82,7 +83,7 @@ def plan_epoch(encoded: Sequence[Encoded], width: int, micro_tokens: int, seed: 
             for i in range(0, len(rows), per_batch)]
 
 
-def tensors(batch: Batch, pad_id: int, train_on_all: bool = False):
+def tensors(batch: Batch, pad_id: int):
     """(input_ids, position_ids, keep) for a batch; keep[b, t] marks positions whose next token is
     a target, which is exactly where logits are needed."""
     import torch
@@ -371,7 +372,7 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
             step_loss = 0.0
             for k, batch in enumerate(mine):
                 sync = k == len(mine) - 1
-                ctx = accelerator.no_sync(model) if not sync and world > 1 else _nullcontext()
+                ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
                 with ctx:
                     loss, n = batch_loss(model, batch, pad_id, device)
                     accelerator.backward(loss / max(1, targets))
@@ -588,11 +589,3 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
