@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -53,6 +54,12 @@ def save(model, folder: Path, state_dict: dict | None = None) -> None:
     for name in os.listdir(tmp):
         os.replace(tmp / name, folder / name)
     os.rmdir(tmp)
+
+
+def adapter_off(model, off: bool = True):
+    """`with adapter_off(run.model, base):` answers as the base model when `off`, else as tuned:
+    base and tuned side by side from one model load."""
+    return model.disable_adapter() if off else contextlib.nullcontext()
 
 
 @dataclass

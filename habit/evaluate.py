@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from habit import metrics, render, rundir, training
-from habit.adapters import LoadedRun
+from habit.adapters import LoadedRun, adapter_off
 from habit.data import Example, load_examples, split
 from habit.errors import HabitError
 from habit.generation import generate
@@ -101,18 +101,20 @@ def expectation(train: Sequence[Example], run: LoadedRun, prefix: str | None,
     return Expectation(guess, None, "inferred from the training responses" if guess else "none")
 
 
-def response_loss(run: LoadedRun, examples: Sequence[Example], base: bool) -> float | None:
+def response_losses(run: LoadedRun, examples: Sequence[Example]) -> dict[str, float | None]:
+    """Held-out response-token loss of base and tuned, over the same packed batches."""
     s = run.info["settings"]["train"]
     encoded, _ = render.encode_all(examples, run.template, run.tokenizer, run.stop, s["max_len"])
     if not encoded:
-        return None
+        return {"base": None, "tuned": None}
     width = training.row_width(encoded, s["max_len"])
     batches = training.plan_epoch(encoded, width, s["batch_tokens"], 0, 0, shuffle=False)
-    device = run.model.device
-    if base:
-        with run.model.disable_adapter():
-            return training.eval_loss(run.model, batches, run.tokenizer.pad_token_id, device)
-    return training.eval_loss(run.model, batches, run.tokenizer.pad_token_id, device)
+    losses = {}
+    for side in ("base", "tuned"):
+        with adapter_off(run.model, side == "base"):
+            losses[side] = training.eval_loss(run.model, batches, run.tokenizer.pad_token_id,
+                                              run.model.device)
+    return losses
 
 
 def embed(texts: Sequence[str]):
@@ -170,12 +172,10 @@ def evaluate(run: LoadedRun, data: str | None = None, n: int = 50,
                  "expectation": expect.__dict__, "generation": settings.__dict__}
     outputs = {}
     for side in ("base", "tuned"):
-        if side == "base":
-            with run.model.disable_adapter():
-                gens = generate(run.model, run.tokenizer, run.template, prompts, run.stop, settings, labels)
-        else:
-            gens = generate(run.model, run.tokenizer, run.template, prompts, run.stop, settings, labels)
-        outputs[side] = gens
+        with adapter_off(run.model, side == "base"):
+            outputs[side] = generate(run.model, run.tokenizer, run.template, prompts, run.stop,
+                                     settings, labels)
+    losses = response_losses(run, examples)
     vectors = embed(refs + [g.text for side in ("base", "tuned") for g in outputs[side]])
     ref_tokens = [len(run.tokenizer(r, add_special_tokens=False).input_ids) for r in refs]
     for k, side in enumerate(("base", "tuned")):
@@ -184,9 +184,8 @@ def evaluate(run: LoadedRun, data: str | None = None, n: int = 50,
         if vectors is not None:
             offset = len(refs) * (k + 1)
             sims = [metrics.cosine(vectors[offset + i], vectors[i]) for i in range(len(refs))]
-        loss = response_loss(run, examples, base=side == "base")
         out[side] = score([g.text for g in gens], [g.finish_reason for g in gens], refs, expect,
-                          [g.tokens for g in gens], sims, loss)
+                          [g.tokens for g in gens], sims, losses[side])
     out["reference"] = {"length": metrics.spread(ref_tokens)}
     out["similarity_model"] = "all-MiniLM-L6-v2" if vectors is not None else None
     out["examples"] = [

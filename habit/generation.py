@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Iterator, Mapping, Sequence
 
 from habit import render
+from habit.adapters import adapter_off
 from habit.data import Message
 from habit.errors import HabitError
 from habit.render import Template
@@ -140,12 +141,9 @@ def answer(run, inputs: Sequence[str], settings: GenerationSettings = Generation
     """Generate for each input with a loaded run (`adapters.load_run`); base=True turns the
     adapter off, so base and tuned answers come from one model load."""
     prompts = [build_prompt(run.template, run.tokenizer, text, fields) for text in inputs]
-    if base:
-        with run.model.disable_adapter():
-            return generate(run.model, run.tokenizer, run.template, prompts, run.stop, settings,
-                            inputs=list(inputs))
-    return generate(run.model, run.tokenizer, run.template, prompts, run.stop, settings,
-                    inputs=list(inputs))
+    with adapter_off(run.model, base):
+        return generate(run.model, run.tokenizer, run.template, prompts, run.stop, settings,
+                        inputs=list(inputs))
 
 
 def compare(run, inputs: Sequence[str], settings: GenerationSettings = GenerationSettings(),

@@ -75,17 +75,27 @@ def wait_for(path_glob, run: Path, proc: subprocess.Popen, timeout: float = 120)
     pytest.fail(f"{path_glob} never appeared")
 
 
-def test_sigkill_mid_run_then_resume_matches(tiny_model, roles_csv, reference, tmp_path):
+def start_until_first_checkpoint(tiny_model, roles_csv, cwd: Path) -> subprocess.Popen:
+    """A training process that has written checkpoints/step-0000004 and is still running."""
     proc = subprocess.Popen(habit_cmd("train", roles_csv, "--model", tiny_model, "--out", "run", *STEPS),
-                            cwd=tmp_path, env=env(), stderr=subprocess.PIPE, text=True)
+                            cwd=cwd, env=env(), stderr=subprocess.PIPE, text=True)
+    wait_for("checkpoints/step-0000004", cwd / "run", proc)
+    return proc
+
+
+def resume(cwd: Path) -> None:
+    done = subprocess.run(habit_cmd("train", "--resume", "run"), cwd=cwd, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+def test_sigkill_mid_run_then_resume_matches(tiny_model, roles_csv, reference, tmp_path):
+    proc = start_until_first_checkpoint(tiny_model, roles_csv, tmp_path)
     run = tmp_path / "run"
-    wait_for("checkpoints/step-0000004", run, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert not (run / "adapter_model.safetensors").exists()  # killed before the end
-    done = subprocess.run(habit_cmd("train", "--resume", "run"), cwd=tmp_path, env=env(),
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    resume(tmp_path)
     assert json.loads((run / "run.json").read_text())["resumed_from"] >= 4
     assert_same_run(run, reference)
 
@@ -113,18 +123,14 @@ def test_sigkill_during_checkpoint_write_leaves_last_good_one(tiny_model, roles_
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == [".tmp-step-0000008", "step-0000004"]  # the cut write never became a checkpoint
     assert training.latest_checkpoint(run).name == "step-0000004"
-    done = subprocess.run(habit_cmd("train", "--resume", "run"), cwd=tmp_path, env=env(),
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    resume(tmp_path)
     assert not list((run / "checkpoints").glob(".tmp-*"))
     assert_same_run(run, reference)
 
 
 def test_ctrl_c_saves_then_stops_cleanly(tiny_model, roles_csv, reference, tmp_path):
-    proc = subprocess.Popen(habit_cmd("train", roles_csv, "--model", tiny_model, "--out", "run", *STEPS),
-                            cwd=tmp_path, env=env(), stderr=subprocess.PIPE, text=True)
+    proc = start_until_first_checkpoint(tiny_model, roles_csv, tmp_path)
     run = tmp_path / "run"
-    wait_for("checkpoints/step-0000004", run, proc)
     proc.send_signal(signal.SIGINT)
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 130
@@ -132,9 +138,7 @@ def test_ctrl_c_saves_then_stops_cleanly(tiny_model, roles_csv, reference, tmp_p
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "interrupted"
     assert training.latest_checkpoint(run).name == f"step-{info['stopped_at']:07d}"
-    done = subprocess.run(habit_cmd("train", "--resume", "run"), cwd=tmp_path, env=env(),
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    resume(tmp_path)
     assert_same_run(run, reference)
 
 
