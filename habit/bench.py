@@ -51,7 +51,10 @@ VARIANTS = {
     "trl": "TRL SFTTrainer, prompt/completion + EOS (completion-only loss), TRL defaults, "
            "LoRA as habit's, batch 4, lr 2e-4 (TRL's LoRA guide; its 2e-5 default is for full fine-tuning)",
     "trl-packing": "as trl, packing=True (BFD, padding-free)",
-    "habit": "habit.train defaults: packed rows, logits only at targets, bf16 where fast",
+    "habit": "habit.train defaults: packed rows, bf16 where fast, fast paths (attention per example, "
+             "merged LoRA, chunked head loss), passes of ≤1024 tokens",
+    "habit-plain": "habit.train --plain-path: the same without the fast paths (sdpa over whole rows, "
+                   "PEFT's LoRA forward, full logits at targets)",
     "habit-fp32": "habit.train --precision fp32",
     "habit-qlora": "habit.train on a 4-bit NF4 base (bitsandbytes; CUDA only)",
 }
@@ -693,7 +696,7 @@ def _only_train(table, examples) -> data.Table:
     return dataclasses.replace(table, examples=tuple(examples))
 
 
-def worker_habit(spec: dict, precision: str = "auto", qlora: bool = False) -> dict:
+def worker_habit(spec: dict, precision: str = "auto", qlora: bool = False, plain: bool = False) -> dict:
     import torch
 
     table, train_ex, _ = _split(spec)
@@ -706,7 +709,8 @@ def worker_habit(spec: dict, precision: str = "auto", qlora: bool = False) -> di
     template = render.choose_template(table, tokenizer)
     enc, _ = render.encode_all(train_ex, template, tokenizer, models.stop_ids(tokenizer), spec["max_len"])
     steps = habit_steps(enc, spec["tokens"], spec["max_len"])
-    settings = TrainSettings(steps=steps, val_frac=0.0, save_every=10**9, precision=precision, max_len=spec["max_len"])
+    settings = TrainSettings(steps=steps, val_frac=0.0, save_every=10**9, precision=precision,
+                             max_len=spec["max_len"], plain_path=plain)
     run = Path(spec["work"]) / "run"
     with _base_in_4bit() if qlora else contextlib.nullcontext():
         rows = _train_habit(_only_train(table, train_ex), run, spec["model"], settings)
@@ -843,6 +847,7 @@ def worker_load(spec: dict) -> dict:
 WORKERS = {
     "peak": worker_peak, "recipe": worker_recipe, "trl": worker_trl,
     "trl-packing": lambda spec: worker_trl(spec, packing=True), "habit": worker_habit,
+    "habit-plain": lambda spec: worker_habit(spec, plain=True),
     "habit-fp32": lambda spec: worker_habit(spec, precision="fp32"),
     "habit-qlora": lambda spec: worker_habit(spec, qlora=True),
     "scale": worker_scale, "generation": worker_generation, "load": worker_load,

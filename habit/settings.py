@@ -54,6 +54,9 @@ class TrainSettings:
         2048, "tokens per optimizer step (examples are packed, no padding is trained on)"
     )
     grad_accum: int = _opt(1, "micro-batches per optimizer step (each holds --batch-tokens/N)")
+    micro_tokens: int = _opt(
+        1024, "most tokens in one forward/backward pass (memory): a micro-batch runs as passes of "
+        "whole packed rows, at least one; the gradient is the same")
     max_len: int = _opt(
         1024, "longest example in tokens; longer examples are dropped (never cut: a cut loses EOS)"
     )
@@ -65,6 +68,9 @@ class TrainSettings:
         "auto", "auto | bf16 | fp32: weights and compute dtype (auto: bf16 where the hardware has it)"
     )
     train_on_prompt: bool = _opt(False, "also train on prompt tokens (default: response + EOS only)")
+    plain_path: bool = _opt(
+        False, "train without the fast paths (packed attention, merged LoRA, chunked head loss); "
+        "by default they run after a check on the first batch that they match this plain path")
     eval_every: int = _opt(0, "log a small generation eval every N steps (0: off)")
     save_every: int = _opt(0, "write a resumable checkpoint every N steps (0: at each epoch end)")
     keep_checkpoints: int = _opt(2, "how many recent checkpoints to keep")
@@ -77,6 +83,7 @@ class TrainSettings:
         _check(0 <= self.warmup < 1, "--warmup must be in [0, 1)")
         _check(self.batch_tokens >= 16, "--batch-tokens must be at least 16")
         _check(self.grad_accum >= 1, "--grad-accum must be at least 1")
+        _check(self.micro_tokens >= 1, "--micro-tokens must be at least 1")
         _check(self.max_len >= 8, "--max-len must be at least 8")
         _check(
             self.batch_tokens // self.grad_accum >= self.max_len,

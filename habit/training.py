@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from habit import adapters, metrics, models, rundir
+from habit import adapters, fastpath, metrics, models, rundir
 from habit.data import Example, Table, split
 from habit.errors import HabitError, Interrupted
 from habit.render import Encoded, Template, choose_template, encode_all
@@ -83,6 +83,13 @@ def plan_epoch(encoded: Sequence[Encoded], width: int, micro_tokens: int, seed: 
             for i in range(0, len(rows), per_batch)]
 
 
+def passes(batch: Batch, most_tokens: int) -> list[Batch]:
+    """A micro-batch as forward/backward passes of at most `most_tokens` (whole rows, at least one
+    a pass): activation memory follows the pass, the summed gradient does not change."""
+    per = max(1, most_tokens // batch.width)
+    return [Batch(batch.rows[i : i + per], batch.width) for i in range(0, len(batch.rows), per)]
+
+
 def tensors(batch: Batch, pad_id: int):
     """(input_ids, position_ids, keep) for a batch; keep[b, t] marks positions whose next token is
     a target, which is exactly where logits are needed."""
@@ -108,20 +115,58 @@ def tensors(batch: Batch, pad_id: int):
     return ids, pos, keep, ids[:, 1:][loss[:, 1:]]
 
 
-def batch_loss(model, batch: Batch, pad_id: int, device):
+def batch_loss(model, batch: Batch, pad_id: int, device, fast: fastpath.FastPaths | None = None):
     """Summed cross-entropy over the batch's targets, and the number of targets."""
     import torch.nn.functional as F
 
     ids, pos, keep, targets = tensors(batch, pad_id)
+    extra = {}
+    if fast and fast.attention:
+        extra["habit_packing"] = fastpath.Packing([[len(e) for e in row] for row in batch.rows],
+                                                  batch.width, device)
     ids, pos, keep, targets = ids.to(device), pos.to(device), keep.to(device), targets.to(device)
     # attention_mask=None + restarting position_ids → block-diagonal causal attention per example;
     # use_cache=False is required for that (with a cache, attention leaks across examples).
-    out = model(input_ids=ids, position_ids=pos, logits_to_keep=keep, use_cache=False)
+    with fast.step(targets) if fast else contextlib.nullcontext():
+        out = model(input_ids=ids, position_ids=pos, logits_to_keep=keep, use_cache=False, **extra)
+    if fast and fast.head is not None:  # the head computed the summed loss itself
+        return out.logits, targets.numel()
     logits = out.logits.reshape(-1, out.logits.shape[-1])
     return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel()
 
 
-def eval_sums(model, batches: Sequence[Batch], pad_id: int, device) -> tuple[float, int]:
+def check_fast(model, batch: Batch, pad_id: int, device, fast: fastpath.FastPaths) -> tuple[bool, float]:
+    """Loss and LoRA gradients of one packed row through the fast paths and the plain path:
+    (whether they agree, the larger relative difference). Same RNG for both passes."""
+    import torch
+
+    row = Batch(batch.rows[:1], batch.width)
+    params = [p for p in model.parameters() if p.requires_grad]
+    found = []
+    for paths in (None, fast):
+        with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+            torch.manual_seed(0)
+            loss, _ = batch_loss(model, row, pad_id, device, paths)
+            loss.backward()
+        grads = torch.cat([p.grad.float().flatten() for p in params if p.grad is not None])
+        found.append((float(loss.detach()), grads))
+        model.zero_grad(set_to_none=True)
+    (plain, g_plain), (quick, g_quick) = found
+    loss_diff = abs(quick - plain) / max(abs(plain), 1e-6)
+    grad_diff = float((g_quick - g_plain).norm() / g_plain.norm().clamp_min(1e-12))
+    exact = params[0].dtype == torch.float32
+    loss_tol, grad_tol = (1e-3, 1e-3) if exact else FAST_TOLERANCE_BF16
+    return loss_diff < loss_tol and grad_diff < grad_tol, max(loss_diff, grad_diff)
+
+
+# In bf16 the plain path itself is ~2e-4 (loss) and ~6% (gradient norm) away from fp32, and the fast
+# paths land as close to fp32 as it does (measured on SmolLM2), so the check allows bf16 noise; a
+# head that post-processes its logits (softcapping, scaling) moves the loss by far more than 1%.
+FAST_TOLERANCE_BF16 = (1e-2, 0.25)
+
+
+def eval_sums(model, batches: Sequence[Batch], pad_id: int, device,
+              fast: fastpath.FastPaths | None = None) -> tuple[float, int]:
     """(summed response-token loss, number of targets) over the batches, without gradients."""
     import torch
 
@@ -130,7 +175,7 @@ def eval_sums(model, batches: Sequence[Batch], pad_id: int, device) -> tuple[flo
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            loss, n = batch_loss(model, batch, pad_id, device)
+            loss, n = batch_loss(model, batch, pad_id, device, fast)
             total += float(loss)
             count += n
     model.train(was_training)
@@ -308,8 +353,19 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
 
     model = adapters.attach(base, lora)
     model.train()
+    fast = fastpath.FastPaths() if settings.plain_path else fastpath.setup(model)
+    fast_diff = None
+    first_batch = plan_epoch(train_enc, width, micro, settings.seed, 0)[0]
+    if fast.names():
+        # before a checkpoint restores the RNG state: the check must not shift a resumed run
+        agreed, fast_diff = check_fast(model, first_batch, tokenizer.pad_token_id, device, fast)
+        agreed = _agree(accelerator, agreed, False, 0.0, 0)[0]  # the same paths on every rank
+        if not agreed:
+            fast = fastpath.FastPaths()
     weights = MasterWeights([(n, p) for n, p in model.named_parameters() if p.requires_grad])
-    optimizer = torch.optim.AdamW(weights.master, lr=settings.lr, weight_decay=settings.weight_decay)
+    # fused: one kernel per tensor instead of ~10 ops (a CPU step spent ~60 ms in the optimizer)
+    optimizer = torch.optim.AdamW(weights.master, lr=settings.lr, weight_decay=settings.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, settings.warmup))
     first, seen_tokens = 0, 0
     if checkpoint is not None:
@@ -329,7 +385,8 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
                  "too_long_dropped": [list(d) for d in dropped + val_dropped]},
         "settings": {"lora": as_dict(lora), "train": as_dict(settings)},
         "plan": {"steps": total, "steps_per_epoch": steps_per_epoch, "row_width": width,
-                 "processes": world, "dtype": str(dtype).replace("torch.", "")},
+                 "processes": world, "dtype": str(dtype).replace("torch.", ""),
+                 "fast_paths": fast.names(), "fast_check": round(fast_diff, 6) if fast_diff is not None else None},
         "versions": versions(),
     }
     if main:
@@ -370,25 +427,27 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
             mine = step_batches[rank * settings.grad_accum : (rank + 1) * settings.grad_accum]
             targets = sum(b.targets for b in mine)
             step_loss = 0.0
-            for k, batch in enumerate(mine):
-                sync = k == len(mine) - 1
+            work = [part for batch in mine for part in passes(batch, settings.micro_tokens)]
+            for k, part in enumerate(work):
+                sync = k == len(work) - 1  # DDP reduces gradients once, after the step's last pass
                 ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
                 with ctx:
-                    loss, n = batch_loss(model, batch, pad_id, device)
+                    loss, n = batch_loss(model, part, pad_id, device, fast)
                     accelerator.backward(loss / max(1, targets))
                 step_loss += float(loss.detach())
-                seen_tokens += batch.tokens * world
+                seen_tokens += part.tokens * world
             weights.grads_to_master()
-            grads_ok = all(m.grad is None or bool(torch.isfinite(m.grad).all()) for m in weights.master)
+            # one number says whether any gradient is inf/nan: their total norm
+            norm = torch.nn.utils.get_total_norm([m.grad for m in weights.master if m.grad is not None])
             finite, stopping, step_loss, targets = _agree(
-                accelerator, math.isfinite(step_loss) and grads_ok, stop_flag.requested,
+                accelerator, math.isfinite(step_loss) and bool(torch.isfinite(norm)), stop_flag.requested,
                 step_loss, targets)
             if not finite:
                 raise HabitError(f"step {step + 1}: the loss or a gradient is not finite (loss "
                                  f"{step_loss / max(1, targets):.4g}); try a lower --lr. The last "
                                  "checkpoint is intact: habit train --resume can continue from it")
             if settings.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(weights.master, settings.max_grad_norm)
+                torch.nn.utils.clip_grads_with_norm_(weights.master, settings.max_grad_norm, norm)
             optimizer.step()
             scheduler.step()
             weights.master_to_model()
@@ -408,7 +467,7 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
                     log({"step": step + 1, **row})
                 accelerator.wait_for_everyone()
             if val_enc and (epoch_end or last):  # same condition on every rank
-                val_loss = _eval_across(accelerator, model, val_batches, pad_id, device)
+                val_loss = _eval_across(accelerator, model, val_batches, pad_id, device, fast)
                 log({"step": step + 1, "epoch": round(epoch + done, 3), "val_loss": round(val_loss, 5)})
             due = (step + 1) % settings.save_every == 0 if settings.save_every else epoch_end
             if due or last or stopping:
@@ -557,11 +616,12 @@ def load_checkpoint(folder: Path, weights: MasterWeights, optimizer, scheduler) 
     return state["step"], state["seen_tokens"]
 
 
-def _eval_across(accelerator, model, batches: Sequence[Batch], pad_id: int, device) -> float | None:
+def _eval_across(accelerator, model, batches: Sequence[Batch], pad_id: int, device,
+                 fast: fastpath.FastPaths | None = None) -> float | None:
     """Validation loss over every rank's share. Every rank joins the reduction, even one whose
     share is empty: a collective that only some ranks call hangs or garbles DDP."""
     # the unwrapped model: DDP's forward broadcasts buffers, a collective of its own
-    total, count = eval_sums(accelerator.unwrap_model(model), batches, pad_id, device)
+    total, count = eval_sums(accelerator.unwrap_model(model), batches, pad_id, device, fast)
     if accelerator.num_processes > 1:
         import torch
 

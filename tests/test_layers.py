@@ -13,7 +13,7 @@ LAYERS = [
     {"settings", "metrics", "rundir"},
     {"data", "models"},
     {"render"},
-    {"adapters"},
+    {"adapters", "fastpath"},
     {"training", "generation"},
     {"evaluate", "report", "export", "serve", "bench"},
     {"cli"},

@@ -1,0 +1,350 @@
+"""Fast paths for a training step on packed rows. Each computes what the plain path computes,
+and training checks that on the first batch before trusting it (`check`).
+
+- packed attention: attention runs per example inside a packed row, causal within the example.
+  The plain path runs sdpa over the whole row with a block-diagonal mask, which computes every
+  masked-out block as well: with ~4 examples a row, 3/4 of that work is thrown away, and it was
+  ~30% of a CPU step.
+- merged LoRA: y = x·(W + s·B·A)ᵀ in one matmul instead of x·Wᵀ + s·(x·Aᵀ)·Bᵀ. The rank-16
+  matmuls are memory-bound and cost PEFT's layer ~50% over the frozen matmul on a CPU; the merge
+  costs one small matmul per layer per step. The backward recomputes the merged weight instead
+  of keeping it (no extra memory) and forms the LoRA gradients from x and dy directly. The merged
+  weight rounds to the model dtype, exactly as a bf16 merge_and_unload does.
+- head loss: cross-entropy of the lm_head in chunks of rows, its input gradient computed on the
+  way. The plain path keeps bf16 logits, an fp32 copy, log-softmax and its gradient for every
+  target token at once (~1 GB for 2k targets with a 49k vocabulary); here one chunk at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Sequence
+
+PACKED = "habit_packed"  # the attention implementation name registered with transformers
+HEAD_CHUNK = 256  # rows of logits alive at once in the head loss (256-1024 measured alike on a CPU)
+
+
+# --- packed attention ---------------------------------------------------------------------------
+
+MAX_BUCKETS = 4  # attention calls per layer: examples are padded up to their bucket's longest
+
+
+def buckets(lengths: Sequence[int], most: int = MAX_BUCKETS) -> list[list[int]]:
+    """Split example indices, sorted by length, into at most `most` contiguous groups so that the
+    padded attention area Σ count·longest² is smallest (a small dynamic programme)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    size = [lengths[i] for i in order]
+    n = len(size)
+    inf = float("inf")
+    # best[k][j]: least cost of the first j examples in k groups; cut[k][j]: where the last group starts
+    best = [[inf] * (n + 1) for _ in range(most + 1)]
+    cut = [[0] * (n + 1) for _ in range(most + 1)]
+    best[0][0] = 0.0
+    for k in range(1, most + 1):
+        for j in range(1, n + 1):
+            for i in range(k - 1, j):
+                cost = best[k - 1][i] + (j - i) * size[j - 1] ** 2
+                if cost < best[k][j]:
+                    best[k][j], cut[k][j] = cost, i
+    k = min(range(1, most + 1), key=lambda k: best[k][n])
+    groups, j = [], n
+    while j > 0:
+        i = cut[k][j]
+        groups.append(order[i:j])
+        j, k = i, k - 1
+    return groups[::-1]
+
+
+class Packing:
+    """Where each example of a packed batch sits, and how attention regroups them: examples in
+    buckets, each padded at its end to the bucket's longest (a causal mask keeps real tokens away
+    from the padding). Built once per batch, used by every layer."""
+
+    def __init__(self, rows: Sequence[Sequence[int]], width: int, device=None):
+        import torch
+
+        starts, lengths = [], []
+        for b, row in enumerate(rows):
+            t = 0
+            for n in row:
+                starts.append(b * width + t)
+                lengths.append(n)
+                t += n
+        self.tokens = len(rows) * width
+        self.groups = []  # (count, length, gather index)
+        scatter = torch.full((self.tokens,), -1, dtype=torch.long)  # -1 → the zero row
+        offset = 0
+        for group in buckets(lengths):
+            longest = max(lengths[i] for i in group)
+            index = torch.zeros(len(group), longest, dtype=torch.long)
+            for g, i in enumerate(group):
+                span = torch.arange(starts[i], starts[i] + lengths[i])
+                index[g, : lengths[i]] = span
+                index[g, lengths[i] :] = starts[i]  # padding reads any real row; its output is dropped
+                scatter[span] = offset + g * longest + torch.arange(lengths[i])
+            self.groups.append((len(group), longest, index.flatten().to(device)))
+            offset += len(group) * longest
+        scatter[scatter < 0] = offset  # row-end padding: the zero row appended after the buckets
+        self.scatter = scatter.to(device)
+        self._masks = {}
+
+    def mask(self, length: int, repeat: int, window: int | None, dtype, device):
+        """Additive causal mask (0 / -inf) for one bucket, rows repeated for grouped-query heads."""
+        import torch
+
+        key = (length, repeat, window, dtype)
+        if key not in self._masks:
+            i = torch.arange(length, device=device)
+            allowed = i[:, None] >= i[None, :]
+            if window:
+                allowed &= i[:, None] - i[None, :] < window
+            add = torch.zeros(length, length, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+            self._masks[key] = add.repeat(repeat, 1)
+        return self._masks[key]
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                     habit_packing: Packing | None = None, **kwargs):
+    """transformers attention interface. With `habit_packing` (passed through the model's
+    forward): attention per example, bucketed, as two batched matmuls and a softmax (on a CPU
+    ~4x faster than sdpa's flash kernel at these lengths, whose backward has a large fixed cost).
+    Without it: plain sdpa with the model's mask (generation, caches, anything unusual)."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if habit_packing is None or dropout or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    batch, heads, width, dim = query.shape
+    kv_heads = key.shape[1]
+    rep = heads // kv_heads
+    scale = scaling if scaling is not None else dim**-0.5
+
+    def rows(x):  # [B, h, T, D] → [B·T, h, D]
+        return x.transpose(1, 2).reshape(batch * width, x.shape[1], dim)
+
+    q, k, v = rows(query), rows(key), rows(value)
+    outs = []
+    for count, length, index in habit_packing.groups:
+        def take(x, h):  # [count·h, length, D]: one bucket, examples × heads as the batch
+            return x.index_select(0, index).view(count, length, h, dim).transpose(1, 2).reshape(count * h, length, dim)
+
+        # query heads sharing a key/value head stack along the rows: one matmul per kv head
+        qb = take(q, heads).reshape(count * kv_heads, rep * length, dim)
+        mask = habit_packing.mask(length, rep, kwargs.get("sliding_window"), query.dtype, query.device)
+        scores = torch.baddbmm(mask.expand(count * kv_heads, -1, -1), qb, take(k, kv_heads).transpose(1, 2),
+                               alpha=scale)
+        out = torch.bmm(torch.softmax(scores, dim=-1), take(v, kv_heads))  # [count·kv, rep·len, D]
+        outs.append(out.view(count, heads, length, dim).transpose(1, 2).reshape(count * length, heads, dim))
+    outs.append(query.new_zeros(1, heads, dim))
+    out = torch.cat(outs).index_select(0, habit_packing.scatter)
+    return out.view(batch, width, heads, dim), None
+
+
+def use_packed_attention(model) -> bool:
+    """Switch a model on sdpa to PACKED (which falls back to sdpa when no spans are passed)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    config = model.config
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return config._attn_implementation == PACKED
+    AttentionInterface.register(PACKED, packed_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED, sdpa_mask)  # masks as sdpa, for generation
+    try:
+        model.set_attn_implementation(PACKED)
+    except (ValueError, AttributeError):
+        return False
+    return config._attn_implementation == PACKED
+
+
+# --- merged LoRA --------------------------------------------------------------------------------
+
+def _merged(weight, lora_a, lora_b, scale: float):
+    import torch
+
+    return torch.addmm(weight, lora_b, lora_a, alpha=scale)
+
+
+def _lora_function():
+    import torch
+
+    class MergedLoRA(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
+            ctx.save_for_backward(x, weight, lora_a, lora_b)
+            ctx.scale = scale
+            y = x @ _merged(weight, lora_a, lora_b, scale).t()
+            return y if bias is None else y + bias
+
+        @staticmethod
+        def backward(ctx, dy):
+            x, weight, lora_a, lora_b = ctx.saved_tensors
+            s = ctx.scale
+            x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+            dx = dy @ _merged(weight, lora_a, lora_b, s) if ctx.needs_input_grad[0] else None
+            g = dy2 @ lora_b  # [tokens, r]
+            d_a = (g.t() @ x2).mul_(s)
+            d_b = (dy2.t() @ (x2 @ lora_a.t())).mul_(s)
+            return dx, None, None, d_a, d_b, None
+
+    return MergedLoRA
+
+
+_MERGED_LORA = None
+
+
+def _fast_forward(layer):
+    """A forward for one PEFT LoRA Linear: merged in training when the layer is plain LoRA (one
+    adapter, no dropout, no DoRA/variants, an nn.Linear base), PEFT's own forward otherwise."""
+    import torch
+
+    original = type(layer).forward.__get__(layer)
+
+    def forward(x, *args, **kwargs):
+        name = layer.active_adapters[0] if len(layer.active_adapters) == 1 else None
+        plain = (layer.training and torch.is_grad_enabled() and name in layer.lora_A
+                 and not layer.disable_adapters and not layer.merged and not args and not kwargs
+                 and name not in layer.lora_variant
+                 and isinstance(layer.lora_dropout[name], torch.nn.Identity)
+                 and not getattr(layer, "fan_in_fan_out", False)
+                 and type(layer.base_layer) is torch.nn.Linear and layer.lora_B[name].bias is None)
+        base = layer.base_layer
+        if not plain or x.dtype != base.weight.dtype or layer.lora_A[name].weight.dtype != x.dtype:
+            return original(x, *args, **kwargs)
+        return _MERGED_LORA.apply(x, base.weight, base.bias, layer.lora_A[name].weight,
+                                  layer.lora_B[name].weight, float(layer.scaling[name]))
+
+    return forward
+
+
+def lora_layers(model) -> tuple:
+    """The PEFT LoRA Linear layers of a model."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    return tuple(m for m in model.modules() if isinstance(m, LoraLinear))
+
+
+@contextlib.contextmanager
+def merged_lora(layers):
+    """While inside, these LoRA layers train through the merged path (see the module docstring)."""
+    global _MERGED_LORA
+    if _MERGED_LORA is None:
+        _MERGED_LORA = _lora_function()
+    for layer in layers:
+        layer.forward = _fast_forward(layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+
+
+# --- head loss ----------------------------------------------------------------------------------
+
+def _head_function():
+    import torch
+
+    class HeadLoss(torch.autograd.Function):
+        """Summed cross-entropy of hidden @ weightᵀ against targets; the gradient w.r.t. hidden is
+        formed chunk by chunk in the forward (softmax − one-hot, times the weight)."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, targets, chunk):
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad = torch.empty_like(hidden)
+            for s in range(0, hidden.shape[0], chunk):
+                t = targets[s : s + chunk]
+                logp = torch.log_softmax(hidden[s : s + chunk] @ weight.t(), dim=-1, dtype=torch.float32)
+                total -= logp.gather(1, t[:, None]).sum()
+                probs = logp.exp_()
+                probs[torch.arange(t.numel(), device=t.device), t] -= 1.0  # in fp32: p≈1 keeps its gradient
+                grad[s : s + chunk] = probs.to(weight.dtype) @ weight
+            ctx.save_for_backward(grad)
+            return total
+
+        @staticmethod
+        def backward(ctx, d_total):
+            (grad,) = ctx.saved_tensors
+            return grad * d_total.to(grad.dtype), None, None, None
+
+    return HeadLoss
+
+
+_HEAD_LOSS = None
+
+
+def head_loss_value(hidden, weight, targets, chunk: int = HEAD_CHUNK):
+    """The summed cross-entropy without gradients (evaluation), chunk by chunk."""
+    import torch
+
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for s in range(0, hidden.shape[0], chunk):
+        logp = torch.log_softmax(hidden[s : s + chunk] @ weight.t(), dim=-1, dtype=torch.float32)
+        total -= logp.gather(1, targets[s : s + chunk, None]).sum()
+    return total
+
+
+@contextlib.contextmanager
+def head_loss(head, targets, chunk: int = HEAD_CHUNK):
+    """While inside, the model's lm_head returns the summed cross-entropy of its input rows
+    against `targets` instead of logits: the model's `logits` output then IS the loss."""
+    global _HEAD_LOSS
+    import torch
+
+    if _HEAD_LOSS is None:
+        _HEAD_LOSS = _head_function()
+
+    def forward(hidden):
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        if torch.is_grad_enabled() and rows.requires_grad:
+            return _HEAD_LOSS.apply(rows, head.weight, targets, chunk)
+        return head_loss_value(rows, head.weight, targets, chunk)
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def plain_head(model):
+    """The model's lm_head if the head loss can stand in for it: a bias-free, frozen nn.Linear."""
+    import torch
+
+    inner = getattr(model, "module", model)  # DDP
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad:
+        return None
+    return head
+
+
+# --- choosing and checking ----------------------------------------------------------------------
+
+@dataclass
+class FastPaths:
+    """Which fast paths a training run uses (decided once, by `setup` and the training check)."""
+
+    attention: bool = False
+    lora: tuple = ()  # the LoRA layers that train merged
+    head: object = None  # the lm_head module when the head loss is on
+
+    def names(self) -> list[str]:
+        return [n for n, on in (("packed attention", self.attention), ("merged LoRA", bool(self.lora)),
+                                ("chunked head loss", self.head is not None)) if on]
+
+    @contextlib.contextmanager
+    def step(self, targets):
+        """The context of one forward (and its backward) through these paths."""
+        with contextlib.ExitStack() as stack:
+            if self.lora:
+                stack.enter_context(merged_lora(self.lora))
+            if self.head is not None:
+                stack.enter_context(head_loss(self.head, targets))
+            yield
+
+
+def setup(model) -> FastPaths:
+    """Every fast path the model allows; training checks them against the plain path."""
+    return FastPaths(attention=use_packed_attention(model), lora=lora_layers(model), head=plain_head(model))

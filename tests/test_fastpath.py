@@ -1,0 +1,233 @@
+"""The training fast paths compute what the plain path computes: packed attention (per example,
+bucketed), merged LoRA, the chunked head loss, and the check that turns them off when they do not."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from habit import adapters, fastpath, models, render, training
+from habit.data import load_examples
+from habit.settings import LoraSettings, TrainSettings
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model, roles_csv):
+    model, tok = models.load_model(tiny_model, dtype=torch.float32)
+    table = load_examples(roles_csv)
+    template = render.choose_template(table, tok)
+    enc, _ = render.encode_all(table.examples, template, tok, models.stop_ids(tok, model), 512)
+    return tiny_model, tok, enc
+
+
+def lora_model(tiny_model, dropout: float = 0.0, seed: int = 0):
+    """The tiny base with LoRA whose B is not zero, so every LoRA weight gets a gradient."""
+    base, _ = models.load_model(tiny_model, dtype=torch.float32)
+    torch.manual_seed(seed)
+    model = adapters.attach(base, LoraSettings(dropout=dropout))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+    model.train()
+    return model
+
+
+def loss_and_grads(model, batch, pad_id, fast):
+    loss, n = training.batch_loss(model, batch, pad_id, "cpu", fast)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return float(loss.detach()), n, grads
+
+
+def assert_same(a, b, tol=1e-4):
+    (la, na, ga), (lb, nb, gb) = a, b
+    assert na == nb
+    assert la == pytest.approx(lb, rel=tol)
+    assert ga.keys() == gb.keys() and ga
+    for name in ga:  # fp32 sums in another order: compare each gradient as a whole
+        assert float((ga[name] - gb[name]).norm() / gb[name].norm()) < tol, name
+
+
+def packed_batch(enc, width=512):
+    batch = training.plan_epoch(enc, width, 2 * width, seed=0, epoch=0)[0]
+    assert len(batch.rows) == 2 and len(batch.rows[0]) >= 3, "the test needs rows of several examples"
+    return batch
+
+
+# --- buckets -------------------------------------------------------------------------------------
+
+def test_buckets_cover_every_example_once_and_are_optimal():
+    lengths = [5, 40, 7, 33, 8, 9, 41, 6]
+    groups = fastpath.buckets(lengths, most=3)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert len(groups) <= 3
+
+    def cost(gs):
+        return sum(len(g) * max(lengths[i] for i in g) ** 2 for g in gs)
+
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    best = min(cost([order[a:b] for a, b in zip((0,) + cuts, cuts + (len(order),)) if a < b])
+               for k in range(3) for cuts in itertools.combinations(range(1, len(order)), k))
+    assert cost(groups) == best
+    assert fastpath.buckets([7], most=4) == [[0]]
+
+
+# --- packed attention ----------------------------------------------------------------------------
+
+def test_packed_attention_logits_equal_per_example_logits(tiny):
+    tiny_model, tok, enc = tiny
+    model, _ = models.load_model(tiny_model, dtype=torch.float32)
+    assert fastpath.use_packed_attention(model)
+    batch = packed_batch(enc)
+    ids, pos, _, _ = training.tensors(batch, tok.pad_token_id)
+    packing = fastpath.Packing([[len(e) for e in row] for row in batch.rows], batch.width)
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos, use_cache=False, habit_packing=packing).logits
+        for b, row in enumerate(batch.rows):
+            start = 0
+            for ex in row:
+                alone = model(input_ids=torch.tensor([ex.ids]), use_cache=False).logits[0]
+                torch.testing.assert_close(packed[b, start : start + len(ex)], alone, atol=1e-4, rtol=1e-4)
+                start += len(ex)
+
+
+def test_packed_attention_respects_a_sliding_window():
+    """Gemma 3 mixes sliding-window and full layers; spans longer than the window get its mask."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                              sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+                              max_position_embeddings=128, attn_implementation="sdpa")
+    model = Gemma3ForCausalLM(config).eval()
+    assert fastpath.use_packed_attention(model)
+    lengths = [[12, 3, 9], [20]]
+    width = 24
+    seqs = [[torch.randint(1, 97, (n,)) for n in row] for row in lengths]
+    ids = torch.zeros(2, width, dtype=torch.long)
+    pos = torch.zeros(2, width, dtype=torch.long)
+    for b, row in enumerate(seqs):
+        t = 0
+        for s in row:
+            ids[b, t : t + len(s)], pos[b, t : t + len(s)] = s, torch.arange(len(s))
+            t += len(s)
+        pos[b, t:] = torch.arange(width - t)
+    packing = fastpath.Packing(lengths, width)
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos, use_cache=False, habit_packing=packing).logits
+        for b, row in enumerate(seqs):
+            t = 0
+            for s in row:
+                alone = model(input_ids=s[None], use_cache=False).logits[0]
+                torch.testing.assert_close(packed[b, t : t + len(s)], alone, atol=1e-4, rtol=1e-4)
+                t += len(s)
+
+
+def test_without_packing_the_attention_is_plain_sdpa(tiny):
+    """Generation passes no packing: the registered implementation must behave as sdpa, masks included."""
+    tiny_model, tok, _ = tiny
+    plain, _ = models.load_model(tiny_model, dtype=torch.float32)
+    fast, _ = models.load_model(tiny_model, dtype=torch.float32)
+    assert fastpath.use_packed_attention(fast)
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(fast(input_ids=ids, attention_mask=mask).logits,
+                                   plain(input_ids=ids, attention_mask=mask).logits)
+
+
+# --- merged LoRA and the head loss, against the plain path ---------------------------------------
+
+def test_each_fast_path_matches_the_plain_path_in_loss_and_every_lora_gradient(tiny):
+    tiny_model, tok, enc = tiny
+    model = lora_model(tiny_model)
+    fast = fastpath.setup(model)
+    assert fast.names() == ["packed attention", "merged LoRA", "chunked head loss"]
+    batch = packed_batch(enc)
+    plain = loss_and_grads(model, batch, tok.pad_token_id, None)
+    for paths in (fastpath.FastPaths(attention=True), fastpath.FastPaths(lora=fast.lora),
+                  fastpath.FastPaths(head=fast.head), fast):
+        assert_same(loss_and_grads(model, batch, tok.pad_token_id, paths), plain)
+
+
+def test_merged_lora_leaves_dropout_and_eval_to_peft(tiny):
+    tiny_model, tok, enc = tiny
+    model = lora_model(tiny_model, dropout=0.5)
+    layers = fastpath.lora_layers(model)
+    x = torch.randn(3, 32)
+    layer = next(m for m in layers if m.base_layer.in_features == 32)
+    with fastpath.merged_lora(layers):
+        torch.manual_seed(1)
+        fast_out = layer(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(fast_out, layer(x))  # same dropout mask: PEFT's own forward ran
+    assert "forward" not in layer.__dict__  # the override is gone after the context
+
+
+def test_head_loss_equals_cross_entropy_across_chunks():
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    targets = torch.randint(0, 50, (37,))
+    expected = F.cross_entropy(head(hidden), targets, reduction="sum")
+    (want,) = torch.autograd.grad(expected * 0.5, hidden)
+    with fastpath.head_loss(head, targets, chunk=8):
+        got = head(hidden)
+    (grad,) = torch.autograd.grad(got * 0.5, hidden)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(grad, want)
+    with torch.no_grad(), fastpath.head_loss(head, targets, chunk=8):
+        torch.testing.assert_close(head(hidden), expected)
+    assert "forward" not in head.__dict__
+
+
+# --- the check ----------------------------------------------------------------------------------
+
+def test_check_turns_the_head_loss_off_for_a_head_that_post_processes_logits(tiny):
+    """Gemma 2 and 3 can softcap logits after the lm_head: the head loss would skip that, so it must
+    fail the check, while packed attention and merged LoRA pass it."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    _, tok, enc = tiny
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                              final_logit_softcapping=0.5, attn_implementation="sdpa",
+                              pad_token_id=tok.pad_token_id)
+    model = adapters.attach(Gemma3ForCausalLM(config), LoraSettings())
+    model.train()
+    fast = fastpath.setup(model)
+    batch = packed_batch(enc)
+    ok, diff = training.check_fast(model, batch, tok.pad_token_id, torch.device("cpu"), fast)
+    assert not ok and diff > 0.01
+    rest = fastpath.FastPaths(attention=fast.attention, lora=fast.lora)
+    assert training.check_fast(model, batch, tok.pad_token_id, torch.device("cpu"), rest)[0]
+
+
+def test_training_records_its_fast_paths_and_matches_the_plain_path(tiny_model, roles_csv, tmp_path):
+    table = load_examples(roles_csv)
+    settings = dict(steps=3, batch_tokens=512, max_len=256, micro_tokens=256, precision="fp32", val_frac=0.2)
+    fast = training.train(table, tmp_path / "fast", model=tiny_model, settings=TrainSettings(**settings))
+    plain = training.train(table, tmp_path / "plain", model=tiny_model,
+                           settings=TrainSettings(**settings, plain_path=True))
+    info = json.loads((tmp_path / "fast" / "run.json").read_text())
+    assert info["plan"]["fast_paths"] == ["packed attention", "merged LoRA", "chunked head loss"]
+    assert info["plan"]["fast_check"] < 1e-3
+    assert json.loads((tmp_path / "plain" / "run.json").read_text())["plan"]["fast_paths"] == []
+    assert fast.train_loss == pytest.approx(plain.train_loss, rel=1e-4)
+    assert fast.val_loss == pytest.approx(plain.val_loss, rel=1e-4)
+
+
+def test_passes_split_a_batch_into_whole_rows(tiny):
+    _, _, enc = tiny
+    batch = training.plan_epoch(enc, 128, 1024, seed=0, epoch=0)[0]
+    parts = training.passes(batch, 300)  # two rows of 128 a pass
+    assert [len(p.rows) for p in parts][:-1] == [2] * (len(parts) - 1)
+    assert sum((p.rows for p in parts), ()) == batch.rows
+    assert [len(p.rows) for p in training.passes(batch, 10)] == [1] * len(batch.rows)  # at least a row
