@@ -1,10 +1,11 @@
 """Fast paths for a training step on packed rows. Each computes what the plain path computes,
-and training checks that on the first batch before trusting it (`check`).
+and training checks that on the first batch before trusting it (training.check_fast).
 
-- packed attention: attention runs per example inside a packed row, causal within the example.
-  The plain path runs sdpa over the whole row with a block-diagonal mask, which computes every
-  masked-out block as well: with ~4 examples a row, 3/4 of that work is thrown away, and it was
-  ~30% of a CPU step.
+- packed attention: the examples of a packed batch regrouped into a few length buckets, attention
+  causal within each example. The plain path runs sdpa over whole rows with a block-diagonal
+  mask, which computes every masked-out block as well (with ~4 examples a row, 3/4 of the work);
+  on a CPU, sdpa's flash kernel also has a slow backward at these lengths: ~30% of a step. Here a
+  bucket is two batched matmuls and a softmax; long buckets (over 1024 tokens) use sdpa.
 - merged LoRA: y = x·(W + s·B·A)ᵀ in one matmul instead of x·Wᵀ + s·(x·Aᵀ)·Bᵀ. The rank-16
   matmuls are memory-bound and cost PEFT's layer ~50% over the frozen matmul on a CPU; the merge
   costs one small matmul per layer per step. The backward recomputes the merged weight instead
@@ -28,6 +29,7 @@ HEAD_CHUNK = 256  # rows of logits alive at once in the head loss (256-1024 meas
 # --- packed attention ---------------------------------------------------------------------------
 
 MAX_BUCKETS = 4  # attention calls per layer: examples are padded up to their bucket's longest
+MATMUL_ATTENTION_MAX = 1024  # longer buckets go through sdpa (O(length) memory, not O(length²))
 
 
 def buckets(lengths: Sequence[int], most: int = MAX_BUCKETS) -> list[list[int]]:
@@ -111,6 +113,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     ~4x faster than sdpa's flash kernel at these lengths, whose backward has a large fixed cost).
     Without it: plain sdpa with the model's mask (generation, caches, anything unusual)."""
     import torch
+    import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if habit_packing is None or dropout or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
@@ -126,16 +129,30 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
 
     q, k, v = rows(query), rows(key), rows(value)
     outs = []
+    window = kwargs.get("sliding_window")
     for count, length, index in habit_packing.groups:
-        def take(x, h):  # [count·h, length, D]: one bucket, examples × heads as the batch
-            return x.index_select(0, index).view(count, length, h, dim).transpose(1, 2).reshape(count * h, length, dim)
+        def take(x, h):  # [count, h, length, D]: one bucket's examples, padded at their ends
+            return x.index_select(0, index).view(count, length, h, dim).transpose(1, 2)
 
+        if length > MATMUL_ATTENTION_MAX:
+            # long examples: scores for the whole bucket would take O(length²) memory per layer
+            # (9 heads × 4096² in bf16 is 300 MB); sdpa's kernels keep it O(length)
+            mask = None
+            if window and length > window:
+                i = torch.arange(length, device=query.device)
+                mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+            out = F.scaled_dot_product_attention(take(q, heads), take(k, kv_heads), take(v, kv_heads),
+                                                 attn_mask=mask, is_causal=mask is None, scale=scale,
+                                                 enable_gqa=rep > 1)
+            outs.append(out.transpose(1, 2).reshape(count * length, heads, dim))
+            continue
         # query heads sharing a key/value head stack along the rows: one matmul per kv head
         qb = take(q, heads).reshape(count * kv_heads, rep * length, dim)
-        mask = habit_packing.mask(length, rep, kwargs.get("sliding_window"), query.dtype, query.device)
-        scores = torch.baddbmm(mask.expand(count * kv_heads, -1, -1), qb, take(k, kv_heads).transpose(1, 2),
-                               alpha=scale)
-        out = torch.bmm(torch.softmax(scores, dim=-1), take(v, kv_heads))  # [count·kv, rep·len, D]
+        kb = take(k, kv_heads).reshape(count * kv_heads, length, dim)
+        vb = take(v, kv_heads).reshape(count * kv_heads, length, dim)
+        mask = habit_packing.mask(length, rep, window, query.dtype, query.device)
+        scores = torch.baddbmm(mask.expand(count * kv_heads, -1, -1), qb, kb.transpose(1, 2), alpha=scale)
+        out = torch.bmm(torch.softmax(scores, dim=-1), vb)  # [count·kv, rep·len, D]
         outs.append(out.view(count, heads, length, dim).transpose(1, 2).reshape(count * length, heads, dim))
     outs.append(query.new_zeros(1, heads, dim))
     out = torch.cat(outs).index_select(0, habit_packing.scatter)

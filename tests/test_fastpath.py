@@ -79,7 +79,12 @@ def test_buckets_cover_every_example_once_and_are_optimal():
 
 # --- packed attention ----------------------------------------------------------------------------
 
-def test_packed_attention_logits_equal_per_example_logits(tiny):
+LONG = pytest.mark.parametrize("matmul_max", [1024, 4], ids=["matmul", "sdpa-for-long"])
+
+
+@LONG
+def test_packed_attention_logits_equal_per_example_logits(tiny, matmul_max, monkeypatch):
+    monkeypatch.setattr(fastpath, "MATMUL_ATTENTION_MAX", matmul_max)
     tiny_model, tok, enc = tiny
     model, _ = models.load_model(tiny_model, dtype=torch.float32)
     assert fastpath.use_packed_attention(model)
@@ -96,8 +101,10 @@ def test_packed_attention_logits_equal_per_example_logits(tiny):
                 start += len(ex)
 
 
-def test_packed_attention_respects_a_sliding_window():
+@LONG
+def test_packed_attention_respects_a_sliding_window(matmul_max, monkeypatch):
     """Gemma 3 mixes sliding-window and full layers; spans longer than the window get its mask."""
+    monkeypatch.setattr(fastpath, "MATMUL_ATTENTION_MAX", matmul_max)
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(0)
