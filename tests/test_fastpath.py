@@ -10,17 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from habit import adapters, fastpath, models, render, training
+from habit import adapters, fastpath, models, training
 from habit.data import load_examples
 from habit.settings import LoraSettings, TrainSettings
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model, roles_csv):
-    model, tok = models.load_model(tiny_model, dtype=torch.float32)
-    table = load_examples(roles_csv)
-    template = render.choose_template(table, tok)
-    enc, _ = render.encode_all(table.examples, template, tok, models.stop_ids(tok, model), 512)
+def tiny(tiny_model, tiny_roles):
+    _, tok, enc = tiny_roles
     return tiny_model, tok, enc
 
 

@@ -15,12 +15,8 @@ from habit.settings import LoraSettings, TrainSettings
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model, roles_csv):
-    model, tok = models.load_model(tiny_model, dtype=torch.float32)
-    table = load_examples(roles_csv)
-    template = render.choose_template(table, tok)
-    enc, _ = render.encode_all(table.examples, template, tok, models.stop_ids(tok, model), 512)
-    return model, tok, enc
+def tiny(tiny_roles):
+    return tiny_roles
 
 
 def test_packed_logits_equal_per_example_logits(tiny):
