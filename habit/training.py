@@ -354,6 +354,10 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
     model = adapters.attach(base, lora)
     model.train()
     fast = fastpath.FastPaths() if settings.plain_path else fastpath.setup(model)
+    if accelerator.distributed_type.name in ("DEEPSPEED", "FSDP"):
+        # merged LoRA and the head loss read whole weights inside their own backward; ZeRO-3 and
+        # FSDP shard weights between forward and backward. Attention per example is unaffected.
+        fast = fastpath.FastPaths(attention=fast.attention)
     fast_diff = None
     first_batch = plan_epoch(train_enc, width, micro, settings.seed, 0)[0]
     if fast.names():
