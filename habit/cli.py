@@ -140,6 +140,9 @@ def _print_trained(args, console, result, max_len: int | None) -> None:
     if result.dropped:
         console.print(f"[yellow]{len(result.dropped)} examples longer than --max-len "
                       f"{max_len} were dropped[/] (first: {result.dropped[0][0]})")
+    if result.fast_check is not None and not result.fast_paths:
+        console.print(f"[yellow]fast paths off[/]: on this model they differed from the plain path by "
+                      f"{result.fast_check:.3g} on the first batch; training ran the plain path")
     if args.json and _is_main_process():
         _print_json(result.to_dict())
     elif not args.json:

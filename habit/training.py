@@ -208,6 +208,8 @@ class TrainResult:
     val_examples: int
     dropped: list = field(default_factory=list)
     seconds: float = 0.0
+    fast_paths: list = field(default_factory=list)  # which ran; [] when off or when the check failed
+    fast_check: float | None = None  # their largest relative difference from the plain path
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -486,7 +488,8 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
     elapsed = time.perf_counter() - start
     result = TrainResult(str(run), train_loss, val_loss,
                          round((seen_tokens - start_tokens) / max(elapsed, 1e-9), 1), total,
-                         len(train_enc), len(val_enc), [list(d) for d in dropped], round(elapsed, 2))
+                         len(train_enc), len(val_enc), [list(d) for d in dropped], round(elapsed, 2),
+                         fast.names(), fast_diff)
     if main:
         adapters.save(accelerator.unwrap_model(model), run, weights.state_dict())
         info.update(status="done", result=result.to_dict())

@@ -235,3 +235,15 @@ def test_passes_split_a_batch_into_whole_rows(tiny):
     assert [len(p.rows) for p in parts][:-1] == [2] * (len(parts) - 1)
     assert sum((p.rows for p in parts), ()) == batch.rows
     assert [len(p.rows) for p in training.passes(batch, 10)] == [1] * len(batch.rows)  # at least a row
+
+
+def test_a_failed_check_trains_the_plain_path_and_says_so(tiny_model, roles_csv, tmp_path, monkeypatch, capsys):
+    from habit import cli
+
+    monkeypatch.setattr(training, "check_fast", lambda *a: (False, 0.5))
+    out = tmp_path / "run"
+    assert cli.main(["train", roles_csv, "--model", tiny_model, "--out", str(out), "--steps", "2",
+                     "--max-len", "256", "--batch-tokens", "512"]) == 0
+    assert "fast paths off" in capsys.readouterr().err
+    plan = json.loads((out / "run.json").read_text())["plan"]
+    assert plan["fast_paths"] == [] and plan["fast_check"] == 0.5
