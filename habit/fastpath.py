@@ -260,24 +260,33 @@ def merged_lora(layers):
 
 # --- head loss ----------------------------------------------------------------------------------
 
+def head_loss_value(hidden, weight, targets, chunk: int = HEAD_CHUNK, grad=None):
+    """The summed cross-entropy of hidden @ weightᵀ against targets, chunk by chunk. With a `grad`
+    buffer (hidden's shape) it also fills in d loss / d hidden: (softmax − one-hot) @ weight."""
+    import torch
+
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for s in range(0, hidden.shape[0], chunk):
+        t = targets[s : s + chunk]
+        logp = torch.log_softmax(hidden[s : s + chunk] @ weight.t(), dim=-1, dtype=torch.float32)
+        total -= logp.gather(1, t[:, None]).sum()
+        if grad is not None:
+            probs = logp.exp_()
+            probs[torch.arange(t.numel(), device=t.device), t] -= 1.0  # in fp32: p≈1 keeps its gradient
+            grad[s : s + chunk] = probs.to(weight.dtype) @ weight
+    return total
+
+
 def _head_function():
     import torch
 
     class HeadLoss(torch.autograd.Function):
-        """Summed cross-entropy of hidden @ weightᵀ against targets; the gradient w.r.t. hidden is
-        formed chunk by chunk in the forward (softmax − one-hot, times the weight)."""
+        """head_loss_value with autograd: the gradient w.r.t. hidden is formed in the forward."""
 
         @staticmethod
         def forward(ctx, hidden, weight, targets, chunk):
-            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad = torch.empty_like(hidden)
-            for s in range(0, hidden.shape[0], chunk):
-                t = targets[s : s + chunk]
-                logp = torch.log_softmax(hidden[s : s + chunk] @ weight.t(), dim=-1, dtype=torch.float32)
-                total -= logp.gather(1, t[:, None]).sum()
-                probs = logp.exp_()
-                probs[torch.arange(t.numel(), device=t.device), t] -= 1.0  # in fp32: p≈1 keeps its gradient
-                grad[s : s + chunk] = probs.to(weight.dtype) @ weight
+            total = head_loss_value(hidden, weight, targets, chunk, grad)
             ctx.save_for_backward(grad)
             return total
 
@@ -290,17 +299,6 @@ def _head_function():
 
 
 _HEAD_LOSS = None
-
-
-def head_loss_value(hidden, weight, targets, chunk: int = HEAD_CHUNK):
-    """The summed cross-entropy without gradients (evaluation), chunk by chunk."""
-    import torch
-
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for s in range(0, hidden.shape[0], chunk):
-        logp = torch.log_softmax(hidden[s : s + chunk] @ weight.t(), dim=-1, dtype=torch.float32)
-        total -= logp.gather(1, targets[s : s + chunk, None]).sum()
-    return total
 
 
 @contextlib.contextmanager
