@@ -247,3 +247,26 @@ def test_a_failed_check_trains_the_plain_path_and_says_so(tiny_model, roles_csv,
     assert "fast paths off" in capsys.readouterr().err
     plan = json.loads((out / "run.json").read_text())["plan"]
     assert plan["fast_paths"] == [] and plan["fast_check"] == 0.5
+
+
+def test_fast_paths_match_on_a_model_with_biased_projections(tiny):
+    """Qwen2 puts biases on q/k/v: the merged LoRA forward must add them (and leave them frozen)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    _, tok, enc = tiny
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                         attn_implementation="sdpa", pad_token_id=tok.pad_token_id)
+    base = Qwen2ForCausalLM(config)
+    assert base.model.layers[0].self_attn.q_proj.bias is not None
+    model = adapters.attach(base, LoraSettings())
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+    model.train()
+    fast = fastpath.setup(model)
+    assert fast.names() == ["packed attention", "merged LoRA", "chunked head loss"]
+    batch = packed_batch(enc)
+    assert_same(loss_and_grads(model, batch, tok.pad_token_id, fast),
+                loss_and_grads(model, batch, tok.pad_token_id, None))
