@@ -58,6 +58,17 @@ def buckets(lengths: Sequence[int], most: int = MAX_BUCKETS) -> list[list[int]]:
     return groups[::-1]
 
 
+def causal(length: int, window: int | None, device=None):
+    """[length, length] bool: query i may see key j (j ≤ i, and within the sliding window if any)."""
+    import torch
+
+    i = torch.arange(length, device=device)
+    allowed = i[:, None] >= i[None, :]
+    if window:
+        allowed &= i[:, None] - i[None, :] < window
+    return allowed
+
+
 class Packing:
     """Where each example of a packed batch sits, and how attention regroups them: examples in
     buckets, each padded at its end to the bucket's longest (a causal mask keeps real tokens away
@@ -73,9 +84,8 @@ class Packing:
                 starts.append(b * width + t)
                 lengths.append(n)
                 t += n
-        self.tokens = len(rows) * width
         self.groups = []  # (count, length, gather index)
-        scatter = torch.full((self.tokens,), -1, dtype=torch.long)  # -1 → the zero row
+        scatter = torch.full((len(rows) * width,), -1, dtype=torch.long)  # -1 → the zero row
         offset = 0
         for group in buckets(lengths):
             longest = max(lengths[i] for i in group)
@@ -97,10 +107,7 @@ class Packing:
 
         key = (length, repeat, window, dtype)
         if key not in self._masks:
-            i = torch.arange(length, device=device)
-            allowed = i[:, None] >= i[None, :]
-            if window:
-                allowed &= i[:, None] - i[None, :] < window
+            allowed = causal(length, window, device)
             add = torch.zeros(length, length, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
             self._masks[key] = add.repeat(repeat, 1)
         return self._masks[key]
@@ -137,10 +144,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         if length > MATMUL_ATTENTION_MAX:
             # long examples: scores for the whole bucket would take O(length²) memory per layer
             # (9 heads × 4096² in bf16 is 300 MB); sdpa's kernels keep it O(length)
-            mask = None
-            if window and length > window:
-                i = torch.arange(length, device=query.device)
-                mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+            mask = causal(length, window, query.device) if window and length > window else None
             out = F.scaled_dot_product_attention(take(q, heads), take(k, kv_heads), take(v, kv_heads),
                                                  attn_mask=mask, is_causal=mask is None, scale=scale,
                                                  enable_gqa=rep > 1)
@@ -160,7 +164,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
 
 
 def use_packed_attention(model) -> bool:
-    """Switch a model on sdpa to PACKED (which falls back to sdpa when no spans are passed)."""
+    """Switch a model on sdpa to PACKED (which falls back to sdpa when no Packing is passed)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 

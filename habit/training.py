@@ -349,7 +349,8 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
     micro = settings.batch_tokens // settings.grad_accum
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = world * settings.grad_accum
-    steps_per_epoch = max(1, len(plan_epoch(train_enc, width, micro, settings.seed, 0)) // per_step)
+    first_epoch = plan_epoch(train_enc, width, micro, settings.seed, 0)
+    steps_per_epoch = max(1, len(first_epoch) // per_step)
     total = settings.steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
     val_batches = plan_epoch(val_enc, width, micro, settings.seed, 0, shuffle=False)[rank::world]
 
@@ -361,10 +362,9 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
         # FSDP shard weights between forward and backward. Attention per example is unaffected.
         fast = fastpath.FastPaths(attention=fast.attention)
     fast_diff = None
-    first_batch = plan_epoch(train_enc, width, micro, settings.seed, 0)[0]
     if fast.names():
         # before a checkpoint restores the RNG state: the check must not shift a resumed run
-        agreed, fast_diff = check_fast(model, first_batch, tokenizer.pad_token_id, device, fast)
+        agreed, fast_diff = check_fast(model, first_epoch[0], tokenizer.pad_token_id, device, fast)
         agreed = _agree(accelerator, agreed, False, 0.0, 0)[0]  # the same paths on every rank
         if not agreed:
             fast = fastpath.FastPaths()
