@@ -434,14 +434,15 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
             targets = sum(b.targets for b in mine)
             step_loss = 0.0
             work = [part for batch in mine for part in passes(batch, settings.micro_tokens)]
-            for k, part in enumerate(work):
-                sync = k == len(work) - 1  # DDP reduces gradients once, after the step's last pass
-                ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
-                with ctx:
-                    loss, n = batch_loss(model, part, pad_id, device, fast)
-                    accelerator.backward(loss / max(1, targets))
-                step_loss += float(loss.detach())
-                seen_tokens += part.tokens * world
+            with fast.fixed_weights():
+                for k, part in enumerate(work):
+                    sync = k == len(work) - 1  # DDP reduces gradients once, after the step's last pass
+                    ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
+                    with ctx:
+                        loss, n = batch_loss(model, part, pad_id, device, fast)
+                        accelerator.backward(loss / max(1, targets))
+                    step_loss += float(loss.detach())
+                    seen_tokens += part.tokens * world
             weights.grads_to_master()
             # one number says whether any gradient is inf/nan: their total norm
             norm = torch.nn.utils.get_total_norm([m.grad for m in weights.master if m.grad is not None])

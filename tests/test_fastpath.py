@@ -160,6 +160,21 @@ def test_each_fast_path_matches_the_plain_path_in_loss_and_every_lora_gradient(t
         assert_same(loss_and_grads(model, batch, tok.pad_token_id, paths), plain)
 
 
+def test_merged_weights_kept_through_a_step_give_the_same_gradients(tiny):
+    tiny_model, tok, enc = tiny
+    model = lora_model(tiny_model)
+    fast = fastpath.setup(model)
+    batch = packed_batch(enc)
+    plain = loss_and_grads(model, batch, tok.pad_token_id, fast)
+    with fast.fixed_weights():
+        kept = loss_and_grads(model, batch, tok.pad_token_id, fast)
+        assert len(fast.kept) == len(fast.lora)  # one merged weight per layer, made once
+        again = loss_and_grads(model, batch, tok.pad_token_id, fast)
+    assert fast.kept is None  # an optimizer step after the context must not see stale weights
+    assert_same(kept, plain)
+    assert_same(again, plain)
+
+
 def test_merged_lora_leaves_dropout_and_eval_to_peft(tiny):
     tiny_model, tok, enc = tiny
     model = lora_model(tiny_model, dropout=0.5)
@@ -189,6 +204,23 @@ def test_head_loss_equals_cross_entropy_across_chunks():
     with torch.no_grad(), fastpath.head_loss(head, targets, chunk=8):
         torch.testing.assert_close(head(hidden), expected)
     assert "forward" not in head.__dict__
+
+
+def test_head_loss_in_bf16_matches_an_fp32_cross_entropy_of_the_same_logits():
+    """The head loss keeps bf16 logits in bf16 (no fp32 copy of the vocabulary-wide rows): its loss
+    must still match the fp32 log-softmax of those logits, and its gradient the bf16 plain path's."""
+    torch.manual_seed(0)
+    hidden = torch.randn(300, 64).bfloat16().requires_grad_()
+    head = torch.nn.Linear(64, 4096, bias=False).bfloat16().requires_grad_(False)
+    targets = torch.randint(0, 4096, (300,))
+    targets[:100] = head(hidden[:100]).argmax(-1)  # confident rows, where p − 1 needs precision
+    expected = F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    (want,) = torch.autograd.grad(expected, hidden)
+    with fastpath.head_loss(head, targets, chunk=128):
+        got = head(hidden)
+    (grad,) = torch.autograd.grad(got, hidden)
+    assert float(got.detach()) == pytest.approx(float(expected.detach()), rel=1e-4)
+    assert float((grad.float() - want.float()).norm() / want.float().norm()) < 1e-2
 
 
 # --- the check ----------------------------------------------------------------------------------
