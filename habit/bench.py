@@ -18,31 +18,29 @@ What is measured, and how:
 Sub-benches behind flags: `--scale` (habit's tokens/s by sequence length, and time by data size)
 and `--generation` (batched vs one-at-a-time generation; first vs cached model load). Each writes
 its own section of the markdown file, between `<!-- bench:NAME -->` markers.
+
+This module is the parent: options, orchestration, tables. The workers are habit.bench_workers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
-import gc
 import importlib.util
 import json
-import math
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from habit import data, models, render, training
+from habit import data, models
 from habit.errors import HabitError
-from habit.settings import DEFAULT_MODEL, LoraSettings, TrainSettings
+from habit.settings import DEFAULT_MODEL, TrainSettings
 
 TEMPLATE = "<act>: {act}\n<prompt>: {prompt}"  # the tutorial's text; every row trains on it
 VARIANTS = {
@@ -106,7 +104,7 @@ class BenchOptions:
         for flag, value in (("--scale-lengths", self.scale_lengths), ("--scale-data", self.scale_data)):
             check(all(x.strip().isdigit() and int(x) > 0 for x in value.split(",")),
                   f"{flag} must be a comma list of positive whole numbers (got {value!r})")
-        check(all(n >= 32 for n in _ints(self.scale_lengths)), "--scale-lengths must each be at least 32")
+        check(all(n >= 32 for n in int_list(self.scale_lengths)), "--scale-lengths must each be at least 32")
 
     def variants(self) -> list[str]:
         if self.only.strip() == "all":
@@ -127,7 +125,7 @@ class BenchOptions:
         return shlex.join(parts + (["--out", out] if out else []))
 
 
-def _ints(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
@@ -268,7 +266,7 @@ def _round(x, digits: int):
 
 
 def spawn(kind: str, options: BenchOptions, work: Path, timeout: int, env: dict | None = None) -> dict:
-    """Run one worker (`python -m habit.bench --worker KIND SPEC`) and return what it wrote.
+    """Run one worker (`python -m habit.bench_workers --worker KIND SPEC`) and return what it wrote.
 
     A worker that fails, dies or runs out of time becomes {"error": one line}, never an exception:
     one broken variant must not lose the others' rows."""
@@ -281,7 +279,7 @@ def spawn(kind: str, options: BenchOptions, work: Path, timeout: int, env: dict 
            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     try:
         with open(log, "w") as out:
-            proc = subprocess.run([sys.executable, "-m", "habit.bench", "--worker", kind, str(folder / "spec.json")],
+            proc = subprocess.run([sys.executable, "-m", "habit.bench_workers", "--worker", kind, str(folder / "spec.json")],
                                   stdout=out, stderr=subprocess.STDOUT, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s (--timeout)"}
@@ -423,458 +421,3 @@ def print_result(result: dict) -> None:
     for name in ("scale", "generation"):
         if name in sections:
             console.print(sections[name].split("Reproduce:")[0], markup=False, highlight=False)
-
-
-# ---------------------------------------------------------------- workers (run in subprocesses)
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
-
-
-def _split(spec: dict):
-    table = data.load_examples(spec["data"], template=TEMPLATE)
-    train_ex, val_ex = data.split(table, TrainSettings.val_frac, TrainSettings.seed)
-    if not val_ex:
-        raise HabitError(f"{spec['data']}: too few examples for a held-out split")
-    return table, train_ex, val_ex
-
-
-def _prompt(ex: data.Example) -> str:
-    return TEMPLATE.split("{prompt}")[0].format(act=ex.fields["act"])
-
-
-def worker_peak(spec: dict) -> dict:
-    import platform
-
-    import peft
-    import torch
-    import transformers
-
-    device = _device()
-    n = spec["peak_size"] or (8192 if device == "cuda" else 2048)
-    reps = 5 if device == "cuda" else 3
-    peaks = {}
-    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-        best = math.inf
-        for i in range(reps + 1):  # the first is warm-up
-            _sync()
-            t = time.perf_counter()
-            a @ b
-            _sync()
-            if i:
-                best = min(best, time.perf_counter() - t)
-        peaks[name] = round(2 * n**3 / best / 1e9, 1)
-        del a, b
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    trl = importlib.util.find_spec("trl") and __import__("trl").__version__
-    auto = models.best_dtype("auto", device)
-    return {"size": n, "peak_gflops": peaks, "auto_dtype": "bf16" if auto == torch.bfloat16 else "fp32",
-            "machine": {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-                        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                        "torch": torch.__version__, "transformers": transformers.__version__,
-                        "peft": peft.__version__, "trl": trl or None, "python": platform.python_version(),
-                        "reps": reps}}
-
-
-def _model_flops(folder: str, adapter: Path, mean_len: float) -> float:
-    """flops_per_token for a base (its matmul weights, counted on the meta device) + an adapter."""
-    import torch
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    n_frozen = sum(m.in_features * m.out_features for m in skeleton.modules() if isinstance(m, torch.nn.Linear))
-    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
-        n_lora = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    text = config.get_text_config()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return flops_per_token(n_frozen, n_lora, text.num_hidden_layers, text.num_attention_heads * head_dim, mean_len)
-
-
-def heldout_loss(spec: dict, adapter: Path) -> float | None:
-    """Response + EOS loss on the held-out split: fp32 base + the adapter, habit's render."""
-    import torch
-    from peft import PeftModel
-
-    device = _device()
-    table, _, val_ex = _split(spec)
-    base, tokenizer = models.load_model(spec["model"], dtype=torch.float32, device=device)
-    model = PeftModel.from_pretrained(base, str(adapter))
-    template = render.choose_template(table, tokenizer)
-    enc, _ = render.encode_all(val_ex, template, tokenizer, models.stop_ids(tokenizer, base), spec["max_len"])
-    if not enc:
-        return None
-    width = training.row_width(enc, spec["max_len"])
-    batches = training.plan_epoch(enc, width, max(width, TrainSettings.batch_tokens), 0, 0, shuffle=False)
-    return training.eval_loss(model, batches, tokenizer.pad_token_id, device)
-
-
-def _finish(spec: dict, marks: list, folder: str, adapter: Path, dtype: str, mean_len: float, seconds: float) -> dict:
-    """What every training worker reports: speed from marks, memory now, then the held-out loss."""
-    import torch
-
-    rate, step_s = steady_rate(marks)
-    out = {"tokens_per_s": rate, "step_s": step_s, "steps": len(marks), "tokens_trained": marks[-1][1] if marks else 0,
-           "peak_rss_mb": _peak_rss_mb(), "dtype": dtype, "seconds": round(seconds, 2),
-           "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None}
-    gc.collect()
-    out["flops_per_token"] = _model_flops(folder, adapter, mean_len)
-    out["heldout_loss"] = heldout_loss(spec, adapter)
-    return out
-
-
-def _max_steps(tokens: int, per_step: float) -> int:
-    # a little over the estimate; the clock stops training once the tokens are in (batches vary)
-    return max(2, math.ceil(1.2 * tokens / max(1.0, per_step)) + 1)
-
-
-def _clock(trainer, target: int):
-    """Count real tokens at each training forward (attention-mask sum, or every token when there is
-    no mask: padding-free) and mark (time, tokens) at each step end; stop once target is reached."""
-    from transformers import TrainerCallback
-
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.seen, self.marks = 0, []
-
-        def on_step_end(self, args, state, control, **kwargs):
-            _sync()
-            self.marks.append((time.perf_counter(), self.seen))
-            if self.seen >= target and len(self.marks) >= 2:
-                control.should_training_stop = True
-
-    clock = Clock()
-
-    def count(module, args, kwargs):
-        if module.training:
-            mask, ids = kwargs.get("attention_mask"), kwargs.get("input_ids")
-            clock.seen += int(mask.sum()) if mask is not None else int(ids.numel())
-
-    trainer.model.register_forward_pre_hook(count, with_kwargs=True)
-    trainer.add_callback(clock)
-    return clock
-
-
-def _trainer_args(spec: dict, name: str) -> dict:
-    return {"output_dir": str(Path(spec["work"]) / f"{name}-out"), "per_device_train_batch_size": 4,
-            "save_strategy": "no", "report_to": "none", "seed": TrainSettings.seed, "disable_tqdm": True,
-            "dataloader_num_workers": 0, "use_cpu": _device() == "cpu"}
-
-
-def worker_recipe(spec: dict) -> dict:
-    """The tutorial's recipe, as it was written: fp32, pad = EOS, HF Trainer and its LM collator."""
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
-                              TrainingArguments)
-
-    _, train_ex, _ = _split(spec)
-    folder = models.model_dir(models.resolve(spec["model"]))
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.pad_token = tokenizer.eos_token  # the tutorial's choice; its collator then masks EOS too
-    enc = tokenizer([TEMPLATE.format(**ex.fields) for ex in train_ex], truncation=True, max_length=spec["max_len"])
-    dataset = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
-    lengths = [sum(m) for m in enc["attention_mask"]]
-    mean_len = sum(lengths) / len(lengths)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.enable_input_require_grads()  # gradient checkpointing through a frozen embedding
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
-                                             target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    args = TrainingArguments(**_trainer_args(spec, "recipe"), gradient_checkpointing=True, learning_rate=2e-4,
-                             max_steps=_max_steps(spec["tokens"], 4 * mean_len), logging_steps=10)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
-    clock = _clock(trainer, spec["tokens"])
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    adapter = Path(spec["work"]) / "adapter"
-    model.save_pretrained(adapter)
-    del trainer, model
-    return _finish(spec, clock.marks, folder, adapter, "fp32", mean_len, seconds)
-
-
-def worker_trl(spec: dict, packing: bool = False) -> dict:
-    """TRL's SFTTrainer as a peer: prompt/completion data, its defaults, LoRA as habit's."""
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
-
-    _, train_ex, _ = _split(spec)
-    device = _device()
-    dtype = models.best_dtype("auto", device)
-    bf16 = dtype == torch.bfloat16
-    folder = models.model_dir(models.resolve(spec["model"]))
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    rows = [{"prompt": _prompt(ex), "completion": ex.fields["prompt"]} for ex in train_ex]
-    lengths = [len(tokenizer(r["prompt"] + r["completion"]).input_ids) + 1 for r in rows]  # + EOS
-    mean_len = sum(lengths) / len(lengths)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    lora = LoraSettings()
-    config = SFTConfig(**_trainer_args(spec, "trl"), bf16=bf16, fp16=False, learning_rate=2e-4,
-                       max_length=spec["max_len"], packing=packing, max_steps=2)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                target_modules=lora.target_modules(), task_type="CAUSAL_LM"))
-    # the step count needs the tokenized (packed) dataset, which only the trainer builds
-    sizes = [len(ids) for ids in trainer.train_dataset["input_ids"]]
-    trainer.args.max_steps = _max_steps(spec["tokens"], sum(sizes) / len(sizes) * min(4, len(sizes)))
-    clock = _clock(trainer, spec["tokens"])
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    adapter = Path(spec["work"]) / "adapter"
-    trainer.model.save_pretrained(adapter)
-    del trainer, model
-    return _finish(spec, clock.marks, folder, adapter, "bf16" if bf16 else "fp32", mean_len, seconds)
-
-
-def habit_steps(encoded, tokens: int, max_len: int, settings: TrainSettings | None = None) -> int:
-    """Optimizer steps for habit.train to consume about `tokens` real tokens (at least 2): walks
-    the same schedule train() walks, epoch after epoch."""
-    settings = settings or TrainSettings()
-    width = training.row_width(encoded, max_len)
-    micro = settings.batch_tokens // settings.grad_accum
-    seen = 0
-    plan = training.schedule(encoded, width, micro, settings.seed, settings.grad_accum)
-    for step, (_, _, batches, _) in enumerate(plan, start=1):
-        seen += sum(b.tokens for b in batches)
-        if seen >= tokens and step >= 2:
-            return step
-    raise AssertionError("unreachable: the schedule is endless")
-
-
-def _train_habit(table, out: Path, model: str, settings: TrainSettings) -> list[dict]:
-    """habit.train with these settings; returns its step log rows, each with `t`: the clock at the
-    step's end (the same point where the Trainer variants are clocked)."""
-    rows = []
-
-    def on_log(row: dict) -> None:
-        if "loss" in row:
-            _sync()
-            rows.append({**row, "t": time.perf_counter()})
-
-    training.train(table, out, model=model, settings=settings, on_log=on_log)
-    return rows
-
-
-def _marks(rows: list[dict]) -> list[tuple[float, int]]:
-    return [(r["t"], r["tokens"]) for r in rows]
-
-
-def _only_train(table, examples) -> data.Table:
-    # train() splits again; with val_frac 0 it trains on exactly these examples and runs no
-    # in-loop validation, whose time would otherwise land inside a timed step
-    return dataclasses.replace(table, examples=tuple(examples))
-
-
-def worker_habit(spec: dict, precision: str = "auto", qlora: bool = False, plain: bool = False) -> dict:
-    import torch
-
-    table, train_ex, _ = _split(spec)
-    device = _device()
-    source = models.resolve(spec["model"])
-    folder = models.model_dir(source)
-    if qlora and (device != "cuda" or importlib.util.find_spec("bitsandbytes") is None):
-        return {"skipped": "skipped: needs CUDA and bitsandbytes"}
-    tokenizer = models.load_tokenizer(source)
-    template = render.choose_template(table, tokenizer)
-    enc, _ = render.encode_all(train_ex, template, tokenizer, models.stop_ids(tokenizer), spec["max_len"])
-    steps = habit_steps(enc, spec["tokens"], spec["max_len"])
-    settings = TrainSettings(steps=steps, val_frac=0.0, save_every=10**9, precision=precision,
-                             max_len=spec["max_len"], plain_path=plain)
-    run = Path(spec["work"]) / "run"
-    with _base_in_4bit() if qlora else contextlib.nullcontext():
-        rows = _train_habit(_only_train(table, train_ex), run, spec["model"], settings)
-    dtype = models.best_dtype(precision, device)
-    name = "bf16" if dtype == torch.bfloat16 else "fp32"
-    return _finish(spec, _marks(rows), folder, run, f"nf4+{name}" if qlora else name,
-                   sum(len(e) for e in enc) / len(enc), rows[-1]["elapsed_s"])
-
-
-@contextlib.contextmanager
-def _base_in_4bit():
-    """habit-qlora: habit.train loads its base in 4-bit NF4 inside this block. train() has no
-    hook for a quantized base, so this worker process (and only it) swaps models.load_model for
-    the duration of training; the held-out loss after it loads the usual fp32 base."""
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    def load_4bit(source, dtype=None, device="cpu"):
-        source = models.resolve(source) if isinstance(source, str) else source
-        tokenizer = models.load_tokenizer(source)
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16,
-                                   bnb_4bit_quant_type="nf4")
-        model = AutoModelForCausalLM.from_pretrained(
-            models.model_dir(source), quantization_config=quant, dtype=torch.bfloat16,
-            device_map={"": torch.cuda.current_device()})
-        model.config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.eval()
-        return model, tokenizer
-
-    original, models.load_model = models.load_model, load_4bit
-    try:
-        yield
-    finally:
-        models.load_model = original
-
-
-def _synthetic(train_ex, tokenizer, length: int, count: int) -> list[data.Example]:
-    """`count` examples of about `length` tokens: the data's responses, run together and cut."""
-    ids = tokenizer("\n\n".join(ex.fields["prompt"] for ex in train_ex), add_special_tokens=False).input_ids
-    body = max(8, length - 32)  # room for the prompt and EOS: no example may pass max_len
-    ids = ids * math.ceil(body * count / len(ids) + 1)
-    return [data.Example(fields={"act": train_ex[k % len(train_ex)].fields["act"],
-                                 "prompt": tokenizer.decode(ids[k * body:(k + 1) * body])}, where=f"synthetic:{k}")
-            for k in range(count)]
-
-
-def worker_scale(spec: dict) -> dict:
-    """habit's tokens/s by example length, and training time for 1x/4x/16x the data."""
-    table, train_ex, _ = _split(spec)
-    source = models.resolve(spec["model"])
-    tokenizer = models.load_tokenizer(source)
-    template = render.choose_template(table, tokenizer)
-    stop = models.stop_ids(tokenizer)
-    lengths = []
-    for length in _ints(spec["scale_lengths"]):
-        batch = max(TrainSettings.batch_tokens, length)
-        examples = _synthetic(train_ex, tokenizer, length, spec["scale_steps"] * max(1, batch // length))
-        enc, _ = render.encode_all(examples, template, tokenizer, stop, length)
-        settings = TrainSettings(steps=spec["scale_steps"], val_frac=0.0, save_every=10**9, max_len=length,
-                                 batch_tokens=batch)
-        rows = _train_habit(_only_train(table, examples), Path(spec["work"]) / f"len-{length}", spec["model"],
-                            settings)
-        rate, step_s = steady_rate(_marks(rows))
-        lengths.append({"length": length, "mean_length": sum(map(len, enc)) / max(1, len(enc)),
-                        "batch_tokens": batch, "tokens_per_s": rate, "step_s": step_s})
-    base, total = [], 0
-    for ex in train_ex:  # the first examples, up to --scale-tokens: the data at 1x
-        n = len(render.encode(ex, template, tokenizer, stop))
-        if n <= spec["max_len"] and total < spec["scale_tokens"]:
-            base.append(ex)
-            total += n
-    sizes = []
-    for k in _ints(spec["scale_data"]):
-        settings = TrainSettings(epochs=1.0, val_frac=0.0, save_every=10**9, max_len=spec["max_len"])
-        examples = [dataclasses.replace(ex, where=f"{ex.where}#{i}") for i in range(k) for ex in base]
-        rows = _train_habit(_only_train(table, examples), Path(spec["work"]) / f"data-{k}x", spec["model"],
-                            settings)
-        seconds, tokens = rows[-1]["elapsed_s"], rows[-1]["tokens"]
-        sizes.append({"multiple": k, "tokens": tokens, "steps": len(rows), "seconds": seconds,
-                      "s_per_1k_tokens": 1000 * seconds / max(1, tokens)})
-    return {"lengths": lengths, "data": sizes}
-
-
-def worker_generation(spec: dict) -> dict:
-    """Tokens/s of habit.generation.generate: batches of 16 vs one prompt at a time."""
-    import torch
-
-    from habit.generation import generate
-    from habit.settings import GenerationSettings
-
-    table, train_ex, val_ex = _split(spec)
-    device = _device()
-    dtype = models.best_dtype("auto", device)
-    model, tokenizer = models.load_model(spec["model"], dtype=dtype, device=device)
-    template = render.choose_template(table, tokenizer)
-    stop = models.stop_ids(tokenizer, model)
-    prompts = [render.prompt_text(template, tokenizer, fields=ex.fields) for ex in (val_ex + train_ex)]
-    prompts = (prompts * math.ceil(spec["gen_prompts"] / len(prompts)))[: spec["gen_prompts"]]
-    settings = GenerationSettings(max_new_tokens=spec["gen_tokens"])
-    generate(model, tokenizer, template, prompts[:2], stop, GenerationSettings(max_new_tokens=2))  # warm-up
-    out = {"prompts": len(prompts), "max_new_tokens": spec["gen_tokens"], "batch_size": 16,
-           "dtype": "bf16" if dtype == torch.bfloat16 else "fp32"}
-    for mode, size in (("batched", 16), ("single", 1)):
-        _sync()
-        start = time.perf_counter()
-        gens = generate(model, tokenizer, template, prompts, stop, settings, batch_size=size)
-        _sync()
-        seconds = time.perf_counter() - start
-        tokens = sum(g.tokens for g in gens)
-        out[mode] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
-    out["speedup"] = out["batched"]["tokens_per_s"] / out["single"]["tokens_per_s"]
-    return out
-
-
-def worker_load(spec: dict) -> dict:
-    """Seconds for models.load_model in a fresh process (HABIT_CACHE as the parent set it). The
-    model's code is imported first where the folder already exists, so a cached load is timed
-    without the one-off import of transformers' model classes."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    source = models.resolve(spec["model"])
-    folder = (Path(source.path) if source.kind == "dir" else
-              models.cache_dir() / "gguf" / models.file_sha256(source.path)[:24] if source.kind == "gguf" else None)
-    if folder is not None and (folder / "config.json").is_file():
-        with torch.device("meta"):
-            AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
-    start = time.perf_counter()
-    models.load_model(source, dtype=models.best_dtype("auto", "cpu"))
-    return {"seconds": time.perf_counter() - start, "gguf": source.kind == "gguf"}
-
-
-WORKERS = {
-    "peak": worker_peak, "recipe": worker_recipe, "trl": worker_trl,
-    "trl-packing": lambda spec: worker_trl(spec, packing=True), "habit": worker_habit,
-    "habit-plain": lambda spec: worker_habit(spec, plain=True),
-    "habit-fp32": lambda spec: worker_habit(spec, precision="fp32"),
-    "habit-qlora": lambda spec: worker_habit(spec, qlora=True),
-    "scale": worker_scale, "generation": worker_generation, "load": worker_load,
-}
-
-
-def _worker_main(kind: str, spec_path: str) -> int:
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    spec = json.loads(Path(spec_path).read_text())
-    try:
-        result = WORKERS[kind](spec)
-    except ModuleNotFoundError as e:
-        result = {"error": f"{e.name} is not installed (pip install 'habit[bench]')"}
-    except Exception as e:  # recorded in the row's note; the bench goes on with the next variant
-        import traceback
-
-        traceback.print_exc()
-        result = {"error": f"{type(e).__name__}: {models._one_line(e)}"}
-    tmp = Path(spec["result"] + ".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, spec["result"])
-    return 0
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[1] != "--worker" or sys.argv[2] not in WORKERS:
-        raise SystemExit("usage: python -m habit.bench --worker KIND SPEC.json (run by `habit bench`)")
-    raise SystemExit(_worker_main(sys.argv[2], sys.argv[3]))

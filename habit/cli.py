@@ -523,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help='print {"url": ..., "models": [...]} once ready')
     p.set_defaults(func=cmd_serve)
 
-    from habit.bench import BenchOptions  # light: habit.bench imports torch only inside its workers
+    from habit.bench import BenchOptions  # light: torch is imported only by its workers (subprocesses)
 
     p = command("bench", "train the tutorial's recipe, TRL and habit side by side: tokens/s, memory, MFU, loss")
     _add_settings(p, BenchOptions)

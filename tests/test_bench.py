@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from conftest import FIXTURES
-from habit import bench, cli, models, render
+from habit import bench, bench_workers, cli, models, render
 from habit.data import load_examples
 from habit.errors import HabitError
 
@@ -48,7 +48,7 @@ def test_model_flops_counts_every_matmul_weight_and_the_adapter(tiny_model, tmp_
     # per layer q 32x32, k and v 32x16 (2 of 4 heads), o 32x32, gate/up/down 32x64; lm_head 32xV
     frozen = 2 * (1024 + 512 + 512 + 1024 + 3 * 2048) + 32 * config.vocab_size
     expected = bench.flops_per_token(frozen, 16 * 32 + 64 * 16, 2, 32, 50.0)
-    assert bench._model_flops(tiny_model, tmp_path, 50.0) == pytest.approx(expected)
+    assert bench_workers._model_flops(tiny_model, tmp_path, 50.0) == pytest.approx(expected)
 
 
 def test_steady_rate_leaves_out_the_first_step():
@@ -65,9 +65,9 @@ def test_habit_steps_consume_the_requested_tokens(tiny_model):
     tokenizer = models.load_tokenizer(models.resolve(tiny_model))
     template = render.choose_template(table, tokenizer)
     enc, _ = render.encode_all(table.examples, template, tokenizer, models.stop_ids(tokenizer), 512)
-    assert bench.habit_steps(enc, 1, 512) == 2  # never fewer than 2: the first step is not timed
+    assert bench_workers.habit_steps(enc, 1, 512) == 2  # never fewer than 2: the first step is not timed
     target = 5 * sum(len(e) for e in enc)
-    steps = bench.habit_steps(enc, target, 512)
+    steps = bench_workers.habit_steps(enc, target, 512)
     plan = itertools.islice(training.schedule(enc, training.row_width(enc, 512), 2048, 0, 1), steps)
     per_step = [sum(b.tokens for b in batches) for _, _, batches, _ in plan]
     assert sum(per_step) >= target > sum(per_step[:-1])

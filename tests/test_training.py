@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from habit import adapters, models, render, rundir, training
+from habit import adapters, render, rundir, training
 from habit.data import load_examples
 from habit.errors import HabitError
 from habit.settings import LoraSettings, TrainSettings
