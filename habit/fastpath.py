@@ -8,9 +8,10 @@ and training checks that on the first batch before trusting it (training.check_f
   bucket is two batched matmuls and a softmax; long buckets (over 1024 tokens) use sdpa.
 - merged LoRA: y = x·(W + s·B·A)ᵀ in one matmul instead of x·Wᵀ + s·(x·Aᵀ)·Bᵀ. The rank-16
   matmuls are memory-bound and cost PEFT's layer ~50% over the frozen matmul on a CPU; the merge
-  costs one small matmul per layer per step. The backward recomputes the merged weight instead
-  of keeping it (no extra memory) and forms the LoRA gradients from x and dy directly. The merged
-  weight rounds to the model dtype, exactly as a bf16 merge_and_unload does.
+  costs one small matmul per layer per step (FastPaths.fixed_weights keeps it for the step's
+  passes; for big models the backward makes it again instead). The LoRA gradients are formed
+  from x and dy directly. The merged weight rounds to the model dtype, exactly as a bf16
+  merge_and_unload does.
 - head loss: cross-entropy of the lm_head in chunks of rows, its input gradient computed on the
   way. The plain path keeps bf16 logits, an fp32 copy, log-softmax and its gradient for every
   target token at once (~1 GB for 2k targets with a 49k vocabulary); here one chunk at a time.
