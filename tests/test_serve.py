@@ -28,7 +28,8 @@ from habit import generation, render
 from habit.adapters import load_run
 from habit.cli import main
 from habit.data import load_examples
-from habit.serve import RAW, make_server, run_names
+from habit.engine import run_names
+from habit.serve import RAW, make_server
 from habit.settings import GenerationSettings, TrainSettings
 from habit.training import train
 
