@@ -50,7 +50,8 @@ VARIANTS = {
            "LoRA as habit's, batch 4, lr 2e-4 (TRL's LoRA guide; its 2e-5 default is for full fine-tuning)",
     "trl-packing": "as trl, packing=True (BFD, padding-free)",
     "habit": "habit.train defaults: packed rows, bf16 where fast, fast paths (attention per example, "
-             "merged LoRA, chunked head loss), passes of ≤1024 tokens",
+             "merged LoRA, chunked head loss, the shared system-prompt prefix computed once a pass), "
+             "passes of ≤1024 tokens",
     "habit-plain": "habit.train --plain-path: the same without the fast paths (sdpa over whole rows, "
                    "PEFT's LoRA forward, full logits at targets)",
     "habit-fp32": "habit.train --precision fp32",
@@ -58,7 +59,8 @@ VARIANTS = {
 }
 FLOPS_FORMULA = ("FLOPs/token = 4·N_frozen + 6·N_lora + 6·layers·d_attn·s̄  (N_frozen: every matmul weight "
                  "incl. lm_head, forward + input grads; N_lora: adapter weights, + weight grads; "
-                 "causal attention over the mean example length s̄)")
+                 "causal attention over the mean example length s̄), times the fraction of real tokens "
+                 "the model ran on (habit computes a prefix shared by all examples once a pass)")
 
 
 def _opt(default, help: str):

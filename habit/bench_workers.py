@@ -131,8 +131,11 @@ def heldout_loss(spec: dict, adapter: Path) -> float | None:
     return training.eval_loss(model, batches, tokenizer.pad_token_id, device)
 
 
-def _finish(spec: dict, marks: list, folder: str, adapter: Path, dtype: str, mean_len: float, seconds: float) -> dict:
-    """What every training worker reports: speed from marks, memory now, then the held-out loss."""
+def _finish(spec: dict, marks: list, folder: str, adapter: Path, dtype: str, mean_len: float, seconds: float,
+            computed: float = 1.0) -> dict:
+    """What every training worker reports: speed from marks, memory now, then the held-out loss.
+    `computed`: the fraction of the real tokens the model ran on (habit computes a shared prefix
+    once a pass), so MFU counts the FLOPs done, not those saved."""
     import torch
 
     rate, step_s = steady_rate(marks)
@@ -140,7 +143,7 @@ def _finish(spec: dict, marks: list, folder: str, adapter: Path, dtype: str, mea
            "peak_rss_mb": _peak_rss_mb(), "dtype": dtype, "seconds": round(seconds, 2),
            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None}
     gc.collect()
-    out["flops_per_token"] = _model_flops(folder, adapter, mean_len)
+    out["flops_per_token"] = _model_flops(folder, adapter, mean_len) * computed
     out["heldout_loss"] = heldout_loss(spec, adapter)
     return out
 
@@ -315,7 +318,8 @@ def worker_habit(spec: dict, precision: str = "auto", qlora: bool = False, plain
     dtype = models.best_dtype(precision, device)
     name = "bf16" if dtype == torch.bfloat16 else "fp32"
     return _finish(spec, _marks(rows), folder, run, f"nf4+{name}" if qlora else name,
-                   sum(len(e) for e in enc) / len(enc), rows[-1]["elapsed_s"])
+                   sum(len(e) for e in enc) / len(enc), rows[-1]["elapsed_s"],
+                   rows[-1]["tokens_computed"] / rows[-1]["tokens"])
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ batches as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -90,40 +91,68 @@ def passes(batch: Batch, most_tokens: int) -> list[Batch]:
     return [Batch(batch.rows[i : i + per], batch.width) for i in range(0, len(batch.rows), per)]
 
 
-def tensors(batch: Batch, pad_id: int):
-    """(input_ids, position_ids, keep) for a batch; keep[b, t] marks positions whose next token is
-    a target, which is exactly where logits are needed."""
+def tensors(batch: Batch, pad_id: int, prefix: int = 0):
+    """(input_ids, position_ids, keep, targets, sequence lengths per row) for a batch; keep[b, t]
+    marks positions whose next token is a target, which is exactly where logits are needed.
+
+    With `prefix` (fastpath.shared_prefix: the leading tokens every example shares), the prefix
+    is written once, at the start of row 0, and each example without it, its positions going on
+    from `prefix`; only the packed attention fast path knows to join them."""
     import torch
 
     n, width = len(batch.rows), batch.width
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     pos = torch.zeros((n, width), dtype=torch.long)
     loss = torch.zeros((n, width), dtype=torch.bool)
+    lengths = []
     for b, row in enumerate(batch.rows):
         t = 0
+        lengths.append([])
+        if prefix and b == 0:
+            ids[0, :prefix] = torch.tensor(row[0].ids[:prefix])
+            pos[0, :prefix] = torch.arange(prefix)
+            lengths[0].append(prefix)
+            t = prefix
         for ex in row:
-            k = len(ex)
-            ids[b, t : t + k] = torch.tensor(ex.ids)
-            pos[b, t : t + k] = torch.arange(k)
-            # the first token of an example is never a target: nothing before it in its own sequence
-            loss[b, t + 1 : t + k] = torch.tensor(ex.loss[1:], dtype=torch.bool)
+            k = len(ex) - prefix
+            ids[b, t : t + k] = torch.tensor(ex.ids[prefix:])
+            pos[b, t : t + k] = torch.arange(prefix, len(ex))
+            # the first token of a sequence is never a target: nothing before it in this row (and
+            # after a prefix, the first token is still part of the prompt: shared_prefix ensures it)
+            loss[b, t + 1 : t + k] = torch.tensor(ex.loss[prefix + 1 :], dtype=torch.bool)
+            lengths[b].append(k)
             t += k
         # padding at the row end: positions restart, so it is a separate (masked) sequence
         pos[b, t:] = torch.arange(width - t)
     keep = torch.zeros_like(loss)
     keep[:, :-1] = loss[:, 1:]
-    return ids, pos, keep, ids[:, 1:][loss[:, 1:]]
+    return ids, pos, keep, ids[:, 1:][loss[:, 1:]], lengths
+
+
+def one_row(batch: Batch, prefix: int = 0) -> Batch:
+    """The batch's examples end to end in one row, as long as they need (to a multiple of
+    ROW_ALIGN_FLAT). Only for the packed attention fast path, which attends within each example
+    wherever it sits: rows exist for the plain path, whose attention costs the row length squared,
+    and the room first-fit leaves at their ends (~10% of a row) is computed like any token."""
+    examples = tuple(ex for row in batch.rows for ex in row)
+    need = sum(len(ex) for ex in examples) - prefix * (len(examples) - 1)
+    return Batch((examples,), -(-need // ROW_ALIGN_FLAT) * ROW_ALIGN_FLAT)
+
+
+ROW_ALIGN_FLAT = 16
 
 
 def batch_loss(model, batch: Batch, pad_id: int, device, fast: fastpath.FastPaths | None = None):
     """Summed cross-entropy over the batch's targets, and the number of targets."""
     import torch.nn.functional as F
 
-    ids, pos, keep, targets = tensors(batch, pad_id)
+    prefix = fast.prefix if fast and fast.attention else 0
+    if fast and fast.attention:
+        batch = one_row(batch, prefix)
+    ids, pos, keep, targets, lengths = tensors(batch, pad_id, prefix)
     extra = {}
     if fast and fast.attention:
-        extra["habit_packing"] = fastpath.Packing([[len(e) for e in row] for row in batch.rows],
-                                                  batch.width, device)
+        extra["habit_packing"] = fastpath.Packing(lengths, batch.width, device, prefix)
     ids, pos, keep, targets = ids.to(device), pos.to(device), keep.to(device), targets.to(device)
     # attention_mask=None + restarting position_ids → block-diagonal causal attention per example;
     # use_cache=False is required for that (with a cache, attention leaks across examples).
@@ -357,10 +386,12 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
     model = adapters.attach(base, lora)
     model.train()
     fast = fastpath.FastPaths() if settings.plain_path else fastpath.setup(model)
+    if fast.attention:
+        fast = dataclasses.replace(fast, prefix=fastpath.shared_prefix(train_enc + val_enc))
     if accelerator.distributed_type.name in ("DEEPSPEED", "FSDP"):
         # merged LoRA and the head loss read whole weights inside their own backward; ZeRO-3 and
         # FSDP shard weights between forward and backward. Attention per example is unaffected.
-        fast = fastpath.FastPaths(attention=fast.attention)
+        fast = fastpath.FastPaths(attention=fast.attention, prefix=fast.prefix)
     fast_diff = None
     if fast.names():
         # before a checkpoint restores the RNG state: the check must not shift a resumed run
@@ -426,6 +457,7 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
 
     pad_id = tokenizer.pad_token_id
     start, start_tokens = time.perf_counter(), seen_tokens
+    computed_tokens = seen_tokens  # what the model ran on: real tokens less the repeats of a shared prefix
     train_loss = val_loss = None
     plan = itertools.islice(schedule(train_enc, width, micro, settings.seed, per_step), first, total)
     with _StopFlag() as stop_flag:
@@ -443,6 +475,9 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
                         accelerator.backward(loss / max(1, targets))
                     step_loss += float(loss.detach())
                     seen_tokens += part.tokens * world
+                    # a shared prefix is computed once a pass, not once an example
+                    shared = fast.prefix * (sum(len(row) for row in part.rows) - 1)
+                    computed_tokens += (part.tokens - shared) * world
             weights.grads_to_master()
             # one number says whether any gradient is inf/nan: their total norm
             norm = torch.nn.utils.get_total_norm([m.grad for m in weights.master if m.grad is not None])
@@ -463,7 +498,7 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
             train_loss = step_loss / max(1, targets)
             elapsed = time.perf_counter() - start
             log({"step": step + 1, "epoch": round(epoch + done, 3), "loss": round(train_loss, 5),
-                 "lr": scheduler.get_last_lr()[0], "tokens": seen_tokens,
+                 "lr": scheduler.get_last_lr()[0], "tokens": seen_tokens, "tokens_computed": computed_tokens,
                  "tokens_per_s": round((seen_tokens - start_tokens) / elapsed, 1),
                  "elapsed_s": round(elapsed, 2), "total_steps": total})
             last = step + 1 == total

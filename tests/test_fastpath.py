@@ -3,6 +3,7 @@ bucketed), merged LoRA, the chunked head loss, and the check that turns them off
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -86,7 +87,7 @@ def test_packed_attention_logits_equal_per_example_logits(tiny, matmul_max, monk
     model, _ = models.load_model(tiny_model, dtype=torch.float32)
     assert fastpath.use_packed_attention(model)
     batch = packed_batch(enc)
-    ids, pos, _, _ = training.tensors(batch, tok.pad_token_id)
+    ids, pos, _, _, _ = training.tensors(batch, tok.pad_token_id)
     packing = fastpath.Packing([[len(e) for e in row] for row in batch.rows], batch.width)
     with torch.no_grad():
         packed = model(input_ids=ids, position_ids=pos, use_cache=False, habit_packing=packing).logits
@@ -96,6 +97,69 @@ def test_packed_attention_logits_equal_per_example_logits(tiny, matmul_max, monk
                 alone = model(input_ids=torch.tensor([ex.ids]), use_cache=False).logits[0]
                 torch.testing.assert_close(packed[b, start : start + len(ex)], alone, atol=1e-4, rtol=1e-4)
                 start += len(ex)
+
+
+def with_system_prompt(enc, tok, text="Be terse."):
+    """The examples as a chat template with a system prompt renders them: a shared prefix."""
+    from habit.render import Encoded
+
+    head = tuple(tok(text, add_special_tokens=False).input_ids)
+    return [Encoded(head + e.ids, (False,) * len(head) + e.loss, e.where) for e in enc]
+
+
+def test_shared_prefix_stops_before_the_first_difference_and_the_first_target():
+    from habit.render import Encoded
+
+    def ex(ids, first_target):
+        return Encoded(tuple(ids), tuple(i >= first_target for i in range(len(ids))))
+
+    common = list(range(10, 20))
+    # ten common ids; the last common one must stay with each example (it predicts its own next)
+    assert fastpath.shared_prefix([ex(common + [1, 2], 11), ex(common + [3, 4], 11)]) == 9
+    # a target inside the common ids ends the prefix before it
+    assert fastpath.shared_prefix([ex(common + [1, 2], 6), ex(common + [3, 4], 11)]) == 5
+    assert fastpath.shared_prefix([ex(common[:3] + [1, 2], 4), ex(common[:3] + [3], 4)]) == 0  # too short
+    assert fastpath.shared_prefix([ex(common + [1], 10)]) == 0  # one example shares with nobody
+
+
+@LONG
+def test_a_shared_prefix_gives_the_per_example_logits(tiny, matmul_max, monkeypatch):
+    """The prefix computed once at the start of row 0, every example attending to it: the logits
+    of each example's own tokens equal those of the example run whole, alone."""
+    monkeypatch.setattr(fastpath, "MATMUL_ATTENTION_MAX", matmul_max)
+    tiny_model, tok, enc = tiny
+    enc = with_system_prompt(enc, tok)
+    prefix = fastpath.shared_prefix(enc)
+    assert prefix >= fastpath.MIN_SHARED_PREFIX
+    model, _ = models.load_model(tiny_model, dtype=torch.float32)
+    assert fastpath.use_packed_attention(model)
+    batch = packed_batch(enc)
+    ids, pos, _, _, lengths = training.tensors(batch, tok.pad_token_id, prefix)
+    packing = fastpath.Packing(lengths, batch.width, prefix=prefix)
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos, use_cache=False, habit_packing=packing).logits
+        first = model(input_ids=torch.tensor([batch.rows[0][0].ids]), use_cache=False).logits[0]
+        torch.testing.assert_close(packed[0, :prefix], first[:prefix], atol=1e-4, rtol=1e-4)
+        for b, row in enumerate(batch.rows):
+            start = prefix if b == 0 else 0
+            for ex in row:
+                alone = model(input_ids=torch.tensor([ex.ids]), use_cache=False).logits[0]
+                own = len(ex) - prefix
+                torch.testing.assert_close(packed[b, start : start + own], alone[prefix:], atol=1e-4, rtol=1e-4)
+                start += own
+
+
+def test_a_shared_prefix_gives_the_plain_loss_and_gradients(tiny):
+    tiny_model, tok, enc = tiny
+    enc = with_system_prompt(enc, tok)
+    model = lora_model(tiny_model)
+    fast = dataclasses.replace(fastpath.setup(model), prefix=fastpath.shared_prefix(enc))
+    assert fast.names()[-1] == f"shared prefix ({fast.prefix} tokens)"
+    batch = packed_batch(enc)
+    plain = loss_and_grads(model, batch, tok.pad_token_id, None)
+    assert_same(loss_and_grads(model, batch, tok.pad_token_id, fast), plain)
+    only = fastpath.FastPaths(attention=True, prefix=fast.prefix)
+    assert_same(loss_and_grads(model, batch, tok.pad_token_id, only), plain)
 
 
 @LONG
@@ -302,3 +366,25 @@ def test_fast_paths_match_on_a_model_with_biased_projections(tiny):
     batch = packed_batch(enc)
     assert_same(loss_and_grads(model, batch, tok.pad_token_id, fast),
                 loss_and_grads(model, batch, tok.pad_token_id, None))
+
+
+def test_training_on_chats_with_one_system_prompt_shares_it_and_matches_the_plain_path(tiny_model, tmp_path):
+    rows = [{"messages": [{"role": "system", "content": "You are the keeper of a lonely lighthouse."},
+                          {"role": "user", "content": f"Question {i}: what of the sea tonight?"},
+                          {"role": "assistant", "content": f"Calm water, light wind from the north {i}."}]}
+            for i in range(12)]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = load_examples(data)
+    settings = dict(steps=3, batch_tokens=512, max_len=256, micro_tokens=256, precision="fp32", val_frac=0.2)
+    fast = training.train(table, tmp_path / "fast", model=tiny_model, settings=TrainSettings(**settings))
+    plain = training.train(table, tmp_path / "plain", model=tiny_model,
+                           settings=TrainSettings(**settings, plain_path=True))
+    paths = json.loads((tmp_path / "fast" / "run.json").read_text())["plan"]["fast_paths"]
+    assert any(p.startswith("shared prefix (") for p in paths), paths
+    assert fast.train_loss == pytest.approx(plain.train_loss, rel=1e-4)
+    assert fast.val_loss == pytest.approx(plain.val_loss, rel=1e-4)
+    logged = [json.loads(line) for line in (tmp_path / "fast" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in logged if "tokens_computed" in r][-1]
+    assert last["tokens_computed"] < last["tokens"]  # the system prompt ran once a pass
+

@@ -24,7 +24,7 @@ def test_packed_logits_equal_per_example_logits(tiny):
     model, tok, enc = tiny
     batch = training.plan_epoch(enc, 512, 512, seed=0, epoch=0)[0]
     assert len(batch.rows[0]) >= 2, "the test needs a row holding several examples"
-    ids, pos, _, _ = training.tensors(batch, tok.pad_token_id)
+    ids, pos, _, _, _ = training.tensors(batch, tok.pad_token_id)
     with torch.no_grad():
         packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits
         start = 0
@@ -52,7 +52,7 @@ def test_targets_hold_eos(tiny):
     """The tutorial's bug: EOS masked out of the labels. Here every example's EOS is a target."""
     _, tok, enc = tiny
     batch = training.plan_epoch(enc, 512, 512, seed=0, epoch=0)[0]
-    _, _, _, targets = training.tensors(batch, tok.pad_token_id)
+    _, _, _, targets, _ = training.tensors(batch, tok.pad_token_id)
     n_examples = sum(len(row) for row in batch.rows)
     assert int((targets == tok.eos_token_id).sum()) == n_examples
 
