@@ -176,6 +176,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     outs = []
     window = kwargs.get("sliding_window")
     shared = habit_packing.prefix
+    k_pre = v_pre = None
     if shared:  # the prefix's keys and values, [kv, P, D], put before every example's own
         k_pre, v_pre = (x.index_select(0, habit_packing.prefix_index).transpose(0, 1) for x in (k, v))
     for count, length, index, sees in habit_packing.groups:
@@ -192,16 +193,15 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
             # long examples: scores for the whole bucket would take O(length²) memory per layer
             # (9 heads × 4096² in bf16 is 300 MB); sdpa's kernels keep it O(length)
             mask = causal(length, window, query.device, pre) if pre or (window and length > window) else None
-            out = F.scaled_dot_product_attention(take(q, heads), keys(k, k_pre if pre else None),
-                                                 keys(v, v_pre if pre else None),
+            out = F.scaled_dot_product_attention(take(q, heads), keys(k, k_pre), keys(v, v_pre),
                                                  attn_mask=mask, is_causal=mask is None, scale=scale,
                                                  enable_gqa=rep > 1)
             outs.append(out.transpose(1, 2).reshape(count * length, heads, dim))
             continue
         # query heads sharing a key/value head stack along the rows: one matmul per kv head
         qb = take(q, heads).reshape(count * kv_heads, rep * length, dim)
-        kb = keys(k, k_pre if pre else None).reshape(count * kv_heads, pre + length, dim)
-        vb = keys(v, v_pre if pre else None).reshape(count * kv_heads, pre + length, dim)
+        kb = keys(k, k_pre).reshape(count * kv_heads, pre + length, dim)
+        vb = keys(v, v_pre).reshape(count * kv_heads, pre + length, dim)
         mask = habit_packing.mask(length, rep, window, query.dtype, query.device, pre)
         scores = torch.baddbmm(mask.expand(count * kv_heads, -1, -1), qb, kb.transpose(1, 2), alpha=scale)
         out = torch.bmm(torch.softmax(scores, dim=-1), vb)  # [count·kv, rep·len, D]
