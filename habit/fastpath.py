@@ -121,10 +121,10 @@ class Packing:
         self.groups = []  # (count, length, gather index, sees the prefix)
         scatter = torch.full((len(rows) * width,), -1, dtype=torch.long)  # -1 → the zero row
         offset = 0
-        own = [[0]] if prefix else []  # the prefix attends only to itself, in a bucket of its own
+        # the prefix (sequence 0) attends only to itself, in a bucket of its own
         examples = list(range(1 if prefix else 0, len(lengths)))
-        grouped = [(g, False) for g in own] + [([examples[i] for i in g], bool(prefix))
-                                                for g in buckets([lengths[i] for i in examples])]
+        grouped = [([0], False)] if prefix else []
+        grouped += [([examples[i] for i in g], bool(prefix)) for g in buckets([lengths[i] for i in examples])]
         for group, sees in grouped:
             longest = max(lengths[i] for i in group)
             index = torch.zeros(len(group), longest, dtype=torch.long)

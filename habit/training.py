@@ -50,6 +50,10 @@ class Batch:
     def targets(self) -> int:
         return sum(sum(e.loss[1:]) for row in self.rows for e in row)
 
+    def computed(self, prefix: int = 0) -> int:
+        """Tokens the model runs on when a shared prefix is held once, not once an example."""
+        return self.tokens - prefix * (sum(len(row) for row in self.rows) - 1)
+
 
 def pack(examples: Sequence[Encoded], width: int) -> list[list[Encoded]]:
     """First-fit: put each example in the first row with room, else open a new row."""
@@ -135,8 +139,7 @@ def one_row(batch: Batch, prefix: int = 0) -> Batch:
     wherever it sits: rows exist for the plain path, whose attention costs the row length squared,
     and the room first-fit leaves at their ends (~10% of a row) is computed like any token."""
     examples = tuple(ex for row in batch.rows for ex in row)
-    need = sum(len(ex) for ex in examples) - prefix * (len(examples) - 1)
-    return Batch((examples,), -(-need // ROW_ALIGN_FLAT) * ROW_ALIGN_FLAT)
+    return Batch((examples,), -(-batch.computed(prefix) // ROW_ALIGN_FLAT) * ROW_ALIGN_FLAT)
 
 
 ROW_ALIGN_FLAT = 16
@@ -146,13 +149,12 @@ def batch_loss(model, batch: Batch, pad_id: int, device, fast: fastpath.FastPath
     """Summed cross-entropy over the batch's targets, and the number of targets."""
     import torch.nn.functional as F
 
-    prefix = fast.prefix if fast and fast.attention else 0
-    if fast and fast.attention:
+    packed = bool(fast and fast.attention)
+    prefix = fast.prefix if packed else 0
+    if packed:
         batch = one_row(batch, prefix)
     ids, pos, keep, targets, lengths = tensors(batch, pad_id, prefix)
-    extra = {}
-    if fast and fast.attention:
-        extra["habit_packing"] = fastpath.Packing(lengths, batch.width, device, prefix)
+    extra = {"habit_packing": fastpath.Packing(lengths, batch.width, device, prefix)} if packed else {}
     ids, pos, keep, targets = ids.to(device), pos.to(device), keep.to(device), targets.to(device)
     # attention_mask=None + restarting position_ids → block-diagonal causal attention per example;
     # use_cache=False is required for that (with a cache, attention leaks across examples).
@@ -475,9 +477,7 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
                         accelerator.backward(loss / max(1, targets))
                     step_loss += float(loss.detach())
                     seen_tokens += part.tokens * world
-                    # a shared prefix is computed once a pass, not once an example
-                    shared = fast.prefix * (sum(len(row) for row in part.rows) - 1)
-                    computed_tokens += (part.tokens - shared) * world
+                    computed_tokens += part.computed(fast.prefix) * world
             weights.grads_to_master()
             # one number says whether any gradient is inf/nan: their total norm
             norm = torch.nn.utils.get_total_norm([m.grad for m in weights.master if m.grad is not None])
