@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from habit import data, models
+from habit import allocator, data, models
 from habit.errors import HabitError
 from habit.settings import DEFAULT_MODEL, TrainSettings
 
@@ -54,6 +54,7 @@ VARIANTS = {
              "passes of ≤1024 tokens",
     "habit-plain": "habit.train --plain-path: the same without the fast paths (sdpa over whole rows, "
                    "PEFT's LoRA forward, full logits at targets)",
+    "habit-sysmalloc": "habit.train defaults on the system malloc (HABIT_MALLOC=system): what tcmalloc adds",
     "habit-fp32": "habit.train --precision fp32",
     "habit-qlora": "habit.train on a 4-bit NF4 base (bitsandbytes; CUDA only)",
 }
@@ -256,7 +257,7 @@ def _row(name: str, found: dict, peaks: dict) -> dict:
             "heldout_loss": _round(found.get("heldout_loss"), 5), "dtype": dtype, "note": note,
             "tokens_trained": found.get("tokens_trained"), "steps": found.get("steps"),
             "flops_per_token": found.get("flops_per_token"), "peak_gpu_mb": found.get("peak_gpu_mb"),
-            "error": bool(found.get("error"))}
+            "malloc": found.get("malloc"), "error": bool(found.get("error"))}
 
 
 def _compute(dtype: str | None) -> str | None:
@@ -265,6 +266,19 @@ def _compute(dtype: str | None) -> str | None:
 
 def _round(x, digits: int):
     return None if x is None else round(x, digits)
+
+
+# Rows that run on the system malloc: the tutorial's recipe and TRL as their users run them (plain
+# python), and habit without the tcmalloc its command loads (see habit.allocator).
+SYSTEM_MALLOC = ("recipe", "trl", "trl-packing", "habit-sysmalloc")
+
+
+def malloc_env(kind: str) -> dict:
+    """The environment a worker starts in: habit's rows on the malloc the `habit` command would
+    load, the SYSTEM_MALLOC rows on the system's."""
+    if kind in SYSTEM_MALLOC:
+        return allocator.without(os.environ)
+    return allocator.preload_env(os.environ) or dict(os.environ)
 
 
 def spawn(kind: str, options: BenchOptions, work: Path, timeout: int, env: dict | None = None) -> dict:
@@ -277,7 +291,7 @@ def spawn(kind: str, options: BenchOptions, work: Path, timeout: int, env: dict 
     spec = {**dataclasses.asdict(options), "work": str(folder), "result": str(folder / "result.json")}
     (folder / "spec.json").write_text(json.dumps(spec))
     log = folder / "log.txt"
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    env = {**malloc_env(kind), "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     try:
         with open(log, "w") as out:
@@ -312,13 +326,14 @@ def _fmt(x, digits: int = 1, suffix: str = "") -> str:
     return "–" if x is None else f"{x:.{digits}f}{suffix}"
 
 
-COLUMNS = ("variant", "real tokens/s", "vs recipe", "step s", "peak RSS MB", "MFU", "held-out loss", "dtype")
+COLUMNS = ("variant", "real tokens/s", "vs recipe", "step s", "peak RSS MB", "MFU", "held-out loss", "dtype",
+           "malloc")
 
 
 def table_cells(row: dict) -> list[str]:
     return [row["name"], _fmt(row["tokens_per_s"]), _fmt(row["ratio"], 2, "x"), _fmt(row["step_s"], 2),
             _fmt(row["peak_rss_mb"], 0), _fmt(None if row["mfu"] is None else 100 * row["mfu"], 1, "%"),
-            _fmt(row["heldout_loss"], 3), row["dtype"] or "–"]
+            _fmt(row["heldout_loss"], 3), row["dtype"] or "–", row.get("malloc") or "–"]
 
 
 def machine_line(result: dict) -> str:

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from habit import data, models, render, training
+from habit import allocator, data, models, render, training
 from habit.bench import TEMPLATE, flops_per_token, int_list, steady_rate
 from habit.errors import HabitError
 from habit.settings import LoraSettings, TrainSettings
@@ -450,6 +450,7 @@ WORKERS = {
     "peak": worker_peak, "recipe": worker_recipe, "trl": worker_trl,
     "trl-packing": lambda spec: worker_trl(spec, packing=True), "habit": worker_habit,
     "habit-plain": lambda spec: worker_habit(spec, plain=True),
+    "habit-sysmalloc": worker_habit,
     "habit-fp32": lambda spec: worker_habit(spec, precision="fp32"),
     "habit-qlora": lambda spec: worker_habit(spec, qlora=True),
     "scale": worker_scale, "generation": worker_generation, "load": worker_load,
@@ -470,6 +471,8 @@ def _worker_main(kind: str, spec_path: str) -> int:
 
         traceback.print_exc()
         result = {"error": f"{type(e).__name__}: {models._one_line(e)}"}
+    if "error" not in result:
+        result["malloc"] = allocator.active() or "system"
     tmp = Path(spec["result"] + ".tmp")
     tmp.write_text(json.dumps(result))
     os.replace(tmp, spec["result"])

@@ -97,6 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     models.resolve(args.model)  # a bad --model fails here, in one line, before any output
     table = data.load_examples(args.data, template=args.template, response=args.response)
     console = _console()
+    _malloc_tip(console)
     console.print(f"[bold]{table.source}[/]: {len(table.examples)} examples, shape {table.shape}"
                   + (f", {table.duplicates} exact duplicates dropped" if table.duplicates else ""))
     with _progress(console) as (progress, task):
@@ -115,11 +116,20 @@ def _resume(args: argparse.Namespace) -> int:
         raise HabitError("--resume takes the run directory only; the data comes from its run.json")
     rundir.read_run(args.resume)  # not a run: one error line, before anything is printed
     console = _console()
+    _malloc_tip(console)
     console.print(f"resuming [bold]{args.resume}[/] from its latest checkpoint")
     with _progress(console) as (progress, task):
         result = resume(args.resume, on_log=_train_logger(console, progress, task))
     _print_trained(args, console, result, None)
     return 0
+
+
+def _malloc_tip(console) -> None:
+    from habit import allocator
+
+    tip = allocator.tip()
+    if tip:
+        console.print(f"[dim]{tip}[/]")
 
 
 def _train_logger(console, progress, task):
@@ -574,9 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from habit import __version__
+    from habit import __version__, allocator
 
-    return f"habit {__version__}"
+    return f"habit {__version__} ({allocator.describe()})"
 
 
 class _progress:
@@ -614,6 +624,14 @@ class _NoProgress:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # a real command line (not a test or a caller's list): swap in a faster malloc
+        from habit import allocator
+
+        try:
+            allocator.reexec(sys.argv[1:])
+        except HabitError as e:
+            print(f"habit: error: {e}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from habit import adapters, fastpath, metrics, models, rundir
+from habit import adapters, allocator, fastpath, metrics, models, rundir
 from habit.data import Example, Table, split
 from habit.errors import HabitError, Interrupted
 from habit.render import Encoded, Template, choose_template, encode_all
@@ -425,7 +425,8 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
         "settings": {"lora": as_dict(lora), "train": as_dict(settings)},
         "plan": {"steps": total, "steps_per_epoch": steps_per_epoch, "row_width": width,
                  "processes": world, "dtype": str(dtype).replace("torch.", ""),
-                 "fast_paths": fast.names(), "fast_check": round(fast_diff, 6) if fast_diff is not None else None},
+                 "fast_paths": fast.names(), "fast_check": round(fast_diff, 6) if fast_diff is not None else None,
+                 "malloc": allocator.describe()},
         "versions": versions(),
     }
     if main:

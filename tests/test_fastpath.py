@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from habit import adapters, fastpath, models, training
+from habit import adapters, allocator, fastpath, models, training
 from habit.data import load_examples
 from habit.settings import LoraSettings, TrainSettings
 
@@ -319,6 +319,7 @@ def test_training_records_its_fast_paths_and_matches_the_plain_path(tiny_model, 
     info = json.loads((tmp_path / "fast" / "run.json").read_text())
     assert info["plan"]["fast_paths"] == ["packed attention", "merged LoRA", "chunked head loss"]
     assert info["plan"]["fast_check"] < 1e-3
+    assert info["plan"]["malloc"] == allocator.describe()  # recorded for whoever compares runs
     assert json.loads((tmp_path / "plain" / "run.json").read_text())["plan"]["fast_paths"] == []
     assert fast.train_loss == pytest.approx(plain.train_loss, rel=1e-4)
     assert fast.val_loss == pytest.approx(plain.val_loss, rel=1e-4)
