@@ -51,6 +51,11 @@ def test_model_flops_counts_every_matmul_weight_and_the_adapter(tiny_model, tmp_
     assert bench_workers._model_flops(tiny_model, tmp_path, 50.0) == pytest.approx(expected)
 
 
+def test_the_best_peak_of_several_measurements_counts():
+    runs = [{"bf16": 268.0, "fp32": 174.0}, {"bf16": 415.0, "fp32": 170.0}]
+    assert bench.best_peak(runs) == {"bf16": 415.0, "fp32": 174.0}
+
+
 def test_steady_rate_leaves_out_the_first_step():
     # (time at the end of each step, real tokens so far): step 1 took 10 s (warm-up), then 1 s each
     marks = [(10.0, 100), (11.0, 300), (12.0, 500)]
@@ -132,6 +137,7 @@ def test_bench_json_through_the_cli(tiny_model, tmp_path):
     result = json.loads(proc.stdout)
     assert {"cpu", "cores", "torch"} <= set(result["machine"])
     assert set(result["peak_gflops"]) == {"bf16", "fp32"} and all(v > 0 for v in result["peak_gflops"].values())
+    assert len(result["peak_runs"]) == 2 and result["peak_gflops"] == bench.best_peak(result["peak_runs"])
     assert result["tokens"] == 300
     rows = {r["name"]: r for r in result["rows"]}
     assert list(rows) == ["recipe", "habit"]
