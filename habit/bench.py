@@ -374,7 +374,9 @@ def markdown(result: dict, out: str | None = None) -> dict[str, str]:
         lines += ["", "Real tokens/s: non-pad tokens of steps 2..n over their wall time (step 1 is warm-up). "
                   f"MFU: tokens/s x model FLOPs per token / the matmul peak of the row's dtype; {FLOPS_FORMULA}. "
                   "Held-out loss: response + EOS tokens of the held-out split, each adapter on an fp32 base, "
-                  "scored by habit's render + eval_loss.", ""]
+                  "scored by habit's render + eval_loss. Malloc: the recipe and TRL run on the system's, as "
+                  "their users run them; habit's rows on the one the `habit` command loads (tcmalloc where "
+                  "installed: `make malloc`), habit-sysmalloc on the system's.", ""]
         sections["train"] = "\n".join(lines + _reproduce(result, out))
     if "scale" in result:
         sections["scale"] = "\n".join(_scale_md(result["scale"], head) + _reproduce(result, out))
