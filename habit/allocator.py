@@ -42,10 +42,15 @@ def active(maps: str | None = None) -> str | None:
     return None
 
 
+def _wanted(environ) -> str:
+    """HABIT_MALLOC as set: auto (also when unset or empty), system, or a path."""
+    return environ.get(ENV, "auto").strip() or "auto"
+
+
 def choose(environ=os.environ, find=ctypes.util.find_library) -> str | None:
     """The library to preload: HABIT_MALLOC's path, or the best one installed (auto); None for
     `system`, or when none is installed."""
-    wanted = environ.get(ENV, "auto").strip() or "auto"
+    wanted = _wanted(environ)
     if wanted == "system":
         return None
     if wanted != "auto":
@@ -108,7 +113,7 @@ def describe() -> str:
     name = active()
     if name:
         return name
-    wanted = os.environ.get(ENV, "auto").strip() or "auto"
+    wanted = _wanted(os.environ)
     if wanted != "auto":
         return f"system malloc ({ENV}={wanted})"
     installed = any(ctypes.util.find_library(n) for n in CHOICES)
@@ -118,7 +123,7 @@ def describe() -> str:
 def tip() -> str | None:
     """A line for the user when CPU training runs on glibc's malloc because nothing faster is
     installed (None otherwise, and where habit cannot preload one: not Linux, or HABIT_MALLOC set)."""
-    if not sys.platform.startswith("linux") or active() or choose() or ENV in os.environ:
+    if not sys.platform.startswith("linux") or ENV in os.environ or active() or choose():
         return None
     import torch
 

@@ -223,8 +223,7 @@ def run(options: BenchOptions = BenchOptions(), say: Callable[[str], None] = lam
                 result["peak_runs"] = [peak["peak_gflops"], again["peak_gflops"]]
                 result["peak_gflops"] = best_peak(result["peak_runs"])
                 for r in rows:
-                    r["mfu"] = _round(mfu(r["tokens_per_s"], r["flops_per_token"],
-                                          result["peak_gflops"].get(_compute(r["dtype"]))), 5)
+                    r["mfu"] = _row_mfu(r["tokens_per_s"], r["flops_per_token"], r["dtype"], result["peak_gflops"])
             result.update(tokens=options.tokens, flops_formula=FLOPS_FORMULA, rows=rows)
         if options.scale:
             say("scale: habit's tokens/s by length and time by data size")
@@ -269,11 +268,16 @@ def _row(name: str, found: dict, peaks: dict) -> dict:
         note = f"error: {note}"
     return {"name": name, "tokens_per_s": _round(tps, 2), "ratio": None,
             "step_s": _round(found.get("step_s"), 4), "peak_rss_mb": _round(found.get("peak_rss_mb"), 1),
-            "mfu": _round(mfu(tps, found.get("flops_per_token"), peaks.get(_compute(dtype))), 5),
+            "mfu": _row_mfu(tps, found.get("flops_per_token"), dtype, peaks),
             "heldout_loss": _round(found.get("heldout_loss"), 5), "dtype": dtype, "note": note,
             "tokens_trained": found.get("tokens_trained"), "steps": found.get("steps"),
             "flops_per_token": found.get("flops_per_token"), "peak_gpu_mb": found.get("peak_gpu_mb"),
             "malloc": found.get("malloc"), "error": bool(found.get("error"))}
+
+
+def _row_mfu(tokens_per_s, flops, dtype: str | None, peaks: dict) -> float | None:
+    """A row's MFU against the measured peak of the dtype it computes in."""
+    return _round(mfu(tokens_per_s, flops, peaks.get(_compute(dtype))), 5)
 
 
 def _compute(dtype: str | None) -> str | None:
