@@ -36,11 +36,10 @@ CORPUS = [
 ]
 
 
-def build_tiny_model(folder: Path, chat: bool = True) -> Path:
-    """Write a 2-layer random Llama and a byte-level BPE tokenizer (ChatML specials) to folder."""
-    import torch
+def build_tokenizer(chat: bool = True):
+    """A byte-level BPE tokenizer trained on CORPUS, with ChatML specials (and template)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -54,6 +53,15 @@ def build_tiny_model(folder: Path, chat: bool = True) -> Path:
                                    pad_token="<|endoftext|>")
     if chat:
         fast.chat_template = CHATML
+    return fast
+
+
+def build_tiny_model(folder: Path, chat: bool = True) -> Path:
+    """Write a 2-layer random Llama and a byte-level BPE tokenizer (ChatML specials) to folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fast = build_tokenizer(chat)
     folder.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(folder)
     torch.manual_seed(0)
@@ -67,6 +75,22 @@ def build_tiny_model(folder: Path, chat: bool = True) -> Path:
                          initializer_range=0.3)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def arch_model(tmp_path_factory):
+    """A factory: arch_model("qwen3") → the folder of a tiny random checkpoint of that
+    architecture (tests/archs.py), built once per session."""
+    from archs import build_arch
+
+    built: dict[str, str] = {}
+
+    def make(arch: str) -> str:
+        if arch not in built:
+            built[arch] = str(build_arch(tmp_path_factory.mktemp(f"arch-{arch}"), arch, build_tokenizer()))
+        return built[arch]
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "habit"
 
 LAYERS = [
     {"errors"},
-    {"settings", "metrics", "rundir", "allocator"},
+    {"settings", "metrics", "rundir", "allocator", "archs"},
     {"data", "models"},
     {"render"},
     {"adapters", "fastpath"},
