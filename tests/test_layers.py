@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "habit"
 
 LAYERS = [
     {"errors"},
-    {"settings", "metrics", "rundir", "allocator", "archs"},
+    {"settings", "metrics", "rundir", "allocator", "archs", "losses"},
     {"data", "models"},
     {"render"},
     {"adapters", "fastpath"},
