@@ -526,3 +526,111 @@ def split(table: Table, val_frac: float, seed: int = 0) -> tuple[list[Example], 
     train = [ex for ex, v in zip(examples, in_val) if not v]
     val = [ex for ex, v in zip(examples, in_val) if v]
     return train, val
+
+
+# ---------------------------------------------------------------- preference data
+
+
+@dataclass(frozen=True)
+class Preference:
+    """One preference record: a prompt with a chosen and a rejected answer (DPO, SimPO, ORPO), or
+    with one answer and a label saying whether it is desirable (KTO: `rejected` is None).
+
+    Each side is an ordinary Example (prompt + that answer), so it renders, masks and ends with EOS
+    exactly as SFT examples do."""
+
+    chosen: Example  # for KTO: the one answer, whatever its label
+    rejected: Example | None
+    label: bool | None = None  # KTO only
+    where: str = ""
+
+
+@dataclass(frozen=True)
+class PreferenceTable:
+    source: str
+    shape: str  # "pairs" | "unpaired"
+    text: bool  # prompts and answers are strings (else chat messages)
+    records: tuple[Preference, ...]
+    duplicates: int
+    sha256: str
+
+
+_LABELS = {True: True, False: False, "true": True, "false": False, "1": True, "0": False,
+           1: True, 0: False}
+
+
+def _json_messages(value: Any) -> Any:
+    """A CSV cell (or a JSON string) holding a message list as JSON text → the list; else as is."""
+    if isinstance(value, str) and value.lstrip().startswith("[{"):
+        try:
+            parsed = json.loads(value)
+        except (ValueError, RecursionError):
+            return value
+        if isinstance(parsed, list) and all(isinstance(m, dict) for m in parsed):
+            return parsed
+    return value
+
+
+def _side(where: str, row: Mapping[str, Any], field: str, prompt: Any) -> Example:
+    """prompt + one answer as an Example: text fields, or a chat whose last turn is the answer."""
+    answer = row.get(field)
+    if answer is None:
+        raise _error(f"{where}: field {field!r} is missing")
+    if isinstance(prompt, str) and isinstance(answer, str):
+        if not answer.strip():
+            raise _error(f"{where}: field {field!r} is empty")
+        return Example(fields={"prompt": prompt, "completion": answer}, where=where)
+    turns = prompt if isinstance(prompt, (list, tuple)) else [{"role": "user", "content": prompt}]
+    if isinstance(answer, str):
+        answer = [{"role": "assistant", "content": answer}]
+    if not isinstance(answer, (list, tuple)):
+        raise _error(f"{where}: field {field!r} holds {_kind(answer)}; expected text or a list of messages")
+    messages = _messages(f"{where} ({field})", list(turns) + list(answer))
+    return Example(fields={}, messages=messages, where=where)
+
+
+def load_preferences(source: str | os.PathLike) -> PreferenceTable:
+    """Read preference data: `prompt`, `chosen`, `rejected` columns (pairs), or `prompt`,
+    `completion`, `label` (unpaired, for KTO). Prompts and answers are strings or chat message
+    lists (JSON text in CSV cells), in any format load_examples reads."""
+    name = os.fspath(source)
+    raw = _read(source)
+    columns = set(raw.columns)
+    if {"prompt", "chosen", "rejected"} <= columns:
+        shape = "pairs"
+    elif {"prompt", "completion", "label"} <= columns:
+        shape = "unpaired"
+    else:
+        raise _error(f"{name}: preference data needs columns prompt, chosen, rejected (pairs) or "
+                     f"prompt, completion, label (KTO); found {', '.join(raw.columns)}{raw.hint}")
+    records: list[Preference] = []
+    seen: set = set()
+    for where, row in raw.rows:
+        row = {k: _json_messages(v) for k, v in row.items()}
+        prompt = row.get("prompt")
+        if prompt is None:
+            raise _error(f"{where}: field 'prompt' is missing")
+        if not isinstance(prompt, (str, list, tuple)):
+            raise _error(f"{where}: field 'prompt' holds {_kind(prompt)}; expected text or a list of messages")
+        if isinstance(prompt, str) and not prompt.strip():
+            raise _error(f"{where}: field 'prompt' is empty")
+        if shape == "pairs":
+            chosen, rejected = _side(where, row, "chosen", prompt), _side(where, row, "rejected", prompt)
+            if chosen == rejected:
+                raise _error(f"{where}: 'chosen' and 'rejected' are the same answer")
+            record = Preference(chosen, rejected, where=where)
+        else:
+            label = row.get("label")
+            key = label.strip().lower() if isinstance(label, str) else label
+            if isinstance(key, float) and key in (0.0, 1.0):
+                key = int(key)
+            if not isinstance(key, (str, bool, int)) or key not in _LABELS:
+                raise _error(f"{where}: field 'label' is {label!r}; expected true or false")
+            record = Preference(_side(where, row, "completion", prompt), None, _LABELS[key], where)
+        marker = repr([(tuple(e.fields.items()), e.messages) if e else None
+                       for e in (record.chosen, record.rejected)] + [record.label])
+        if marker not in seen:
+            seen.add(marker)
+            records.append(record)
+    text = all(not r.chosen.messages for r in records)
+    return PreferenceTable(name, shape, text, tuple(records), len(raw.rows) - len(records), raw.sha256)
