@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from habit import archs
 from habit.errors import HabitError
 
 # alias → (package holding the file, file name, how to install the package)
@@ -199,6 +200,25 @@ def best_dtype(precision: str, device: str):
         )()
         return torch.bfloat16 if fast else torch.float32
     return torch.float32
+
+
+def load_config(source: Source):
+    """The model's config alone (no weights): what checks and estimates read before a load."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir(source))
+    except HabitError:
+        raise
+    except Exception as e:
+        raise _load_error(source, e) from None
+
+
+def check_arch(source: Source):
+    """Refuse an architecture habit does not support, before any weights load; returns the config."""
+    config = load_config(source)
+    archs.lookup(config)
+    return config
 
 
 def load_tokenizer(source: Source):

@@ -265,6 +265,7 @@ def train(table: Table, out: str | os.PathLike, model: str = DEFAULT_MODEL,
     """Train a LoRA adapter on `table` and write a run directory to `out`."""
     rundir.check_new(out, force)
     source = models.resolve(model)
+    models.check_arch(source)
     return _fit(table, Path(out), source, lora, settings, on_log, force=force)
 
 
