@@ -167,27 +167,53 @@ def batch_loss(model, batch: Batch, pad_id: int, device, fast: fastpath.FastPath
 
 
 def check_fast(model, batch: Batch, pad_id: int, device, fast: fastpath.FastPaths) -> tuple[bool, float]:
-    """Loss and LoRA gradients of one packed row through the fast paths and the plain path:
-    (whether they agree, the larger relative difference). Same RNG for both passes."""
+    """Loss and LoRA gradients of up to two packed rows through the fast paths and the plain path:
+    (whether they agree, the larger relative difference). Same RNG for both passes.
+
+    A fresh adapter has B = 0, where a wrong merge or a wrong gradient of A would go unseen (the
+    merged weight equals W and A's gradient is zero on both paths); so B is set to small random
+    values for the check, then restored."""
     import torch
 
-    row = Batch(batch.rows[:1], batch.width)
+    row = Batch(batch.rows[:2], batch.width)
     params = [p for p in model.parameters() if p.requires_grad]
     found = []
-    for paths in (None, fast):
-        with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
-            torch.manual_seed(0)
-            loss, _ = batch_loss(model, row, pad_id, device, paths)
-            loss.backward()
-        grads = torch.cat([p.grad.float().flatten() for p in params if p.grad is not None])
-        found.append((float(loss.detach()), grads))
-        model.zero_grad(set_to_none=True)
+    with _lora_b_perturbed(model):
+        for paths in (None, fast):
+            with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+                torch.manual_seed(0)
+                loss, _ = batch_loss(model, row, pad_id, device, paths)
+                loss.backward()
+            grads = torch.cat([p.grad.float().flatten() for p in params if p.grad is not None])
+            found.append((float(loss.detach()), grads))
+            model.zero_grad(set_to_none=True)
     (plain, g_plain), (quick, g_quick) = found
     loss_diff = abs(quick - plain) / max(abs(plain), 1e-6)
     grad_diff = float((g_quick - g_plain).norm() / g_plain.norm().clamp_min(1e-12))
     exact = params[0].dtype == torch.float32
     loss_tol, grad_tol = (1e-3, 1e-3) if exact else FAST_TOLERANCE_BF16
     return loss_diff < loss_tol and grad_diff < grad_tol, max(loss_diff, grad_diff)
+
+
+@contextlib.contextmanager
+def _lora_b_perturbed(model, std: float = 0.02):
+    """LoRA's B weights set to seeded N(0, std²) while inside, put back after (RNG state too)."""
+    import torch
+
+    saved = {}
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        for name, p in model.named_parameters():
+            if p.requires_grad and "lora_B" in name:
+                saved[name] = p.detach().clone()
+                p.normal_(0.0, std)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in saved:
+                    p.copy_(saved[name])
 
 
 # In bf16 the plain path itself is ~2e-4 (loss) and ~6% (gradient norm) away from fp32, and the fast

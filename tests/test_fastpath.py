@@ -389,3 +389,41 @@ def test_training_on_chats_with_one_system_prompt_shares_it_and_matches_the_plai
     last = [r for r in logged if "tokens_computed" in r][-1]
     assert last["tokens_computed"] < last["tokens"]  # the system prompt ran once a pass
 
+
+
+def test_the_check_catches_a_wrong_merge(tiny_model, roles_csv, tmp_path, monkeypatch, capsys):
+    """With a fresh adapter (B = 0) a merge that scales B·A wrongly equals W on both paths; the
+    check sets B non-zero first, so it must see the error and train the plain path, saying so."""
+    from habit import cli
+
+    real = fastpath._merged
+    monkeypatch.setattr(fastpath, "_merged", lambda w, a, b, scale: real(w, a, b, 2 * scale))
+    out = tmp_path / "run"
+    assert cli.main(["train", roles_csv, "--model", tiny_model, "--out", str(out), "--steps", "1",
+                     "--max-len", "256", "--batch-tokens", "512", "--precision", "fp32"]) == 0
+    assert "fast paths off" in capsys.readouterr().err
+    plan = json.loads((out / "run.json").read_text())["plan"]
+    assert plan["fast_paths"] == [] and plan["fast_check"] > 1e-3
+
+
+def test_the_check_catches_a_wrong_lora_a_gradient(tiny, monkeypatch):
+    """A's gradient is zero on both paths while B = 0: only the perturbed check can see it wrong."""
+    tiny_model, tok, enc = tiny
+    base, _ = models.load_model(tiny_model, dtype=torch.float32)
+    model = adapters.attach(base, LoraSettings())  # fresh: every B is zero
+    model.train()
+    fast = fastpath.setup(model)
+    batch = packed_batch(enc)
+    assert training.check_fast(model, batch, tok.pad_token_id, torch.device("cpu"), fast)[0]
+    right = fastpath._lora_function()
+
+    class WrongA(right):
+        @staticmethod
+        def backward(ctx, dy):
+            dx, w, bias, d_a, d_b, scale, merged = right.backward(ctx, dy)
+            return dx, w, bias, 2 * d_a, d_b, scale, merged
+
+    monkeypatch.setattr(fastpath, "_MERGED_LORA", WrongA)
+    ok, diff = training.check_fast(model, batch, tok.pad_token_id, torch.device("cpu"), fast)
+    assert not ok and diff > 1e-3
+    assert all(float(p.abs().max()) == 0 for n, p in model.named_parameters() if "lora_B" in n)  # restored
