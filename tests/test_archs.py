@@ -54,3 +54,77 @@ def test_cli_exits_2_with_one_line(gpt2_dir, roles_csv, tmp_path):
     assert errors == [proc.stderr.strip().splitlines()[-1]]
     assert "architecture 'gpt2' is not supported; supported: gemma3_text, llama" in errors[0]
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- every architecture, end to end
+
+
+ARCH_NAMES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3", "phi3"]
+
+
+@pytest.fixture(scope="module")
+def arch_runs(arch_model, roles_csv, tmp_path_factory):
+    """One short fp32 run per architecture (2 steps, lr 5e-2 so the adapter moves), made on demand."""
+    from habit.settings import TrainSettings
+
+    done = {}
+
+    def run(arch: str):
+        if arch not in done:
+            out = tmp_path_factory.mktemp(f"run-{arch}") / "run"
+            result = train(load_examples(roles_csv), out, model=arch_model(arch),
+                           settings=TrainSettings(steps=2, lr=5e-2, batch_tokens=512, max_len=256,
+                                                  precision="fp32"))
+            done[arch] = (out, result)
+        return done[arch]
+
+    return run
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_every_arch_trains_through_the_checked_fast_paths(arch_runs, arch):
+    import json
+
+    out, result = arch_runs(arch)
+    assert result.fast_paths == ["packed attention", "merged LoRA", "chunked head loss"], result.fast_check
+    assert result.fast_check < 1e-3  # fp32: the fast paths compute the plain path's loss and gradients
+    plan = json.loads((out / "run.json").read_text())["plan"]
+    assert plan["fast_paths"] == result.fast_paths
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_every_arch_generates_evaluates_and_serves(arch_runs, arch):
+    import json
+    import threading
+    import urllib.request
+
+    from habit import compare, load_run
+    from habit.evaluate import response_losses
+    from habit.serve import make_server
+    from habit.settings import GenerationSettings
+
+    out, _ = arch_runs(arch)
+    run = load_run(out)
+    rows = compare(run, ["Linux Terminal"], GenerationSettings(max_new_tokens=6))
+    assert rows[0]["base"].tokens >= 1 and rows[0]["tuned"].tokens >= 1  # both sides answered
+    assert rows[0]["tuned"].finish_reason in ("stop", "length")
+    train_ex = load_examples(run.info["data"]["path"]).examples[:2]
+    losses = response_losses(run, list(train_ex))
+    assert all(v is not None and v == v for v in losses.values()), losses  # base and tuned, finite
+    assert losses["base"] != losses["tuned"]  # the adapter changes the model
+    server = make_server([out], port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        body = json.dumps({"model": "run", "messages": [{"role": "user", "content": "Poet"}],
+                           "max_tokens": 4}).encode()
+        req = urllib.request.Request(server.url + "/v1/chat/completions", body,
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            reply = json.loads(resp.read())
+        assert reply["choices"][0]["finish_reason"] in ("stop", "length")
+        assert reply["usage"]["completion_tokens"] >= 1
+    finally:
+        server.stop()
+        thread.join(timeout=10)
+        server.close()
