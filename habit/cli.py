@@ -141,7 +141,7 @@ def _train_logger(console, progress, task):
             if not console.is_terminal and (row["step"] % every == 0 or row["step"] == 1):
                 console.print(f"step {row['step']}/{row['total_steps']}: {info}")
         elif "val_loss" in row:
-            progress.console.print(f"epoch {row['epoch']}: val loss {row['val_loss']:.4f}")
+            progress.console.print(f"step {row['step']} (epoch {row['epoch']}): val loss {row['val_loss']:.4f}")
 
     return on_log
 
@@ -159,6 +159,9 @@ def _print_trained(args, console, result, max_len: int | None) -> None:
         val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
         console.print(f"[green]done[/]: {result.run_dir}  train loss {result.train_loss:.4f}  "
                       f"val loss {val}  {result.tokens_per_s:.0f} tokens/s  {result.seconds:.0f} s")
+        if result.kept_step is not None and result.kept_step != result.steps:
+            console.print(f"kept the adapter of step {result.kept_step}/{result.steps}: the lowest "
+                          f"validation loss ({result.kept_val_loss:.4f}); --keep last keeps the final one")
         console.print(f"next: habit compare {result.run_dir} \"<an input>\"")
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from habit.errors import HabitError
 
 DEFAULT_MODEL = "smollm2-135m"
+VAL_POINTS = 8  # validations a run makes by default (--val-every 0), besides each epoch end
 
 
 def _opt(default: Any, help: str, flag: str | None = None) -> Any:
@@ -75,6 +76,11 @@ class TrainSettings:
     save_every: int = _opt(0, "write a resumable checkpoint every N steps (0: at each epoch end)")
     keep_checkpoints: int = _opt(2, "how many recent checkpoints to keep")
     report_to: str = _opt("none", "none | tensorboard | mlflow | wandb (through accelerate)")
+    val_every: int = _opt(
+        0, "validate every N steps as well as at each epoch end (0: about VAL_POINTS times a run)")
+    keep: str = _opt(
+        "best", "best | last: the run's adapter is the validated one with the lowest validation "
+        "loss (best: a run that starts to overfit keeps its earlier state), or the final one")
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "--epochs must be positive")
@@ -96,6 +102,8 @@ class TrainSettings:
         _check(self.precision in ("auto", "bf16", "fp32"), "--precision must be auto, bf16 or fp32")
         _check(self.eval_every >= 0 and self.save_every >= 0, "--eval-every/--save-every must be >= 0")
         _check(self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1")
+        _check(self.val_every >= 0, "--val-every must be >= 0")
+        _check(self.keep in ("best", "last"), "--keep must be best or last")
         _check(
             self.report_to in ("none", "tensorboard", "mlflow", "wandb"),
             "--report-to must be none, tensorboard, mlflow or wandb",

@@ -30,7 +30,7 @@ from habit import adapters, allocator, fastpath, metrics, models, rundir
 from habit.data import Example, Table, split
 from habit.errors import HabitError, Interrupted
 from habit.render import Encoded, Template, choose_template, encode_all
-from habit.settings import DEFAULT_MODEL, LoraSettings, TrainSettings, as_dict
+from habit.settings import DEFAULT_MODEL, VAL_POINTS, LoraSettings, TrainSettings, as_dict
 
 ROW_ALIGN = 64  # row lengths round up to this: fewer distinct shapes, friendlier matmul sizes
 
@@ -267,6 +267,8 @@ class TrainResult:
     seconds: float = 0.0
     fast_paths: list = field(default_factory=list)  # which ran; [] when off or when the check failed
     fast_check: float | None = None  # their largest relative difference from the plain path
+    kept_step: int | None = None  # the step whose adapter the run saved (--keep best: lowest val loss)
+    kept_val_loss: float | None = None
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -434,8 +436,10 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
                                   fused=device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, settings.warmup))
     first, seen_tokens = 0, 0
+    best = Best()
     if checkpoint is not None:
-        first, seen_tokens = load_checkpoint(checkpoint, weights, optimizer, scheduler)
+        first, seen_tokens = load_checkpoint(checkpoint, weights, optimizer, scheduler, best)
+    val_every = settings.val_every or max(1, total // VAL_POINTS)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     info = {
@@ -483,7 +487,7 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
 
     def save(step: int) -> None:
         save_checkpoint(accelerator, model, weights, optimizer, scheduler, run, step,
-                        settings.keep_checkpoints, seen_tokens)
+                        settings.keep_checkpoints, seen_tokens, best)
 
     pad_id = tokenizer.pad_token_id
     start, start_tokens = time.perf_counter(), seen_tokens
@@ -536,9 +540,10 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
                                 val_ex or train_ex)
                     log({"step": step + 1, **row})
                 accelerator.wait_for_everyone()
-            if val_enc and (epoch_end or last):  # same condition on every rank
+            if val_enc and (epoch_end or last or (step + 1) % val_every == 0):  # same on every rank
                 val_loss = _eval_across(accelerator, model, val_batches, pad_id, device, fast)
                 log({"step": step + 1, "epoch": round(epoch + done, 3), "val_loss": round(val_loss, 5)})
+                best.offer(step + 1, val_loss, weights)
             due = (step + 1) % settings.save_every == 0 if settings.save_every else epoch_end
             if due or last or stopping:
                 save(step + 1)
@@ -550,12 +555,14 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
                                   f"Continue with: habit train --resume {run}")
 
     elapsed = time.perf_counter() - start
+    kept = best if settings.keep == "best" and best.step is not None else None
     result = TrainResult(str(run), train_loss, val_loss,
                          round((seen_tokens - start_tokens) / max(elapsed, 1e-9), 1), total,
                          len(train_enc), len(val_enc), [list(d) for d in dropped], round(elapsed, 2),
-                         fast.names(), fast_diff)
+                         fast.names(), fast_diff, kept.step if kept else total,
+                         kept.loss if kept else val_loss)
     if main:
-        adapters.save(accelerator.unwrap_model(model), run, weights.state_dict())
+        adapters.save(accelerator.unwrap_model(model), run, kept.weights if kept else weights.state_dict())
         info.update(status="done", result=result.to_dict())
         rundir.write_json(run / rundir.RUN_FILE, info)
     accelerator.wait_for_everyone()
@@ -639,8 +646,29 @@ class MasterWeights:
         return {name: m.detach() for name, m in zip(self.names, self.master)}
 
 
+class Best:
+    """The validated adapter with the lowest validation loss so far: its step, loss and fp32 LoRA
+    weights (a copy: a few MB for rank-16 adapters). Checkpoints carry it, so a resumed run keeps
+    the same one."""
+
+    def __init__(self):
+        self.step, self.loss, self.weights = None, None, None
+
+    def offer(self, step: int, loss: float | None, weights: MasterWeights) -> None:
+        if loss is not None and (self.loss is None or loss < self.loss):
+            self.step, self.loss = step, loss
+            self.weights = {k: v.detach().clone() for k, v in weights.state_dict().items()}
+
+    def state(self) -> dict:
+        return {"step": self.step, "loss": self.loss, "weights": self.weights}
+
+    def restore(self, state: dict | None) -> None:
+        if state:
+            self.step, self.loss, self.weights = state["step"], state["loss"], state["weights"]
+
+
 def save_checkpoint(accelerator, model, weights: MasterWeights, optimizer, scheduler, run: Path,
-                    step: int, keep: int, seen_tokens: int = 0) -> None:
+                    step: int, keep: int, seen_tokens: int = 0, best: Best | None = None) -> None:
     """checkpoints/step-N: adapter (fp32) + state.pt (master weights, optimizer, scheduler, RNG),
     written into a temp folder and renamed, so a kill mid-write leaves no half checkpoint."""
     import torch
@@ -658,7 +686,8 @@ def save_checkpoint(accelerator, model, weights: MasterWeights, optimizer, sched
     state = {"step": step, "seen_tokens": seen_tokens,
              "master": [m.detach().clone() for m in weights.master],
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": torch.get_rng_state(), "python_rng": random.getstate()}
+             "rng": torch.get_rng_state(), "python_rng": random.getstate(),
+             "best": best.state() if best else None}
     torch.save(state, tmp / "state.pt.tmp")
     os.replace(tmp / "state.pt.tmp", tmp / "state.pt")
     os.replace(tmp, final)
@@ -666,7 +695,8 @@ def save_checkpoint(accelerator, model, weights: MasterWeights, optimizer, sched
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, weights: MasterWeights, optimizer, scheduler) -> tuple[int, int]:
+def load_checkpoint(folder: Path, weights: MasterWeights, optimizer, scheduler,
+                    best: Best | None = None) -> tuple[int, int]:
     """Restore a checkpoint into fresh training objects; returns (completed steps, tokens seen)."""
     import torch
 
@@ -684,6 +714,8 @@ def load_checkpoint(folder: Path, weights: MasterWeights, optimizer, scheduler) 
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
     random.setstate(state["python_rng"])
+    if best is not None:
+        best.restore(state.get("best"))
     return state["step"], state["seen_tokens"]
 
 
