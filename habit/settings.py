@@ -75,6 +75,12 @@ class TrainSettings:
     save_every: int = _opt(0, "write a resumable checkpoint every N steps (0: at each epoch end)")
     keep_checkpoints: int = _opt(2, "how many recent checkpoints to keep")
     report_to: str = _opt("none", "none | tensorboard | mlflow | wandb (through accelerate)")
+    quantize: str = _opt(
+        "none", "none | nf4: hold the frozen base in 4 bits (QLoRA through bitsandbytes, CPU and "
+        "CUDA); merge and export still use the full-precision base")
+    grad_checkpointing: str = _opt(
+        "auto", "auto | on | off: recompute activations in the backward pass instead of keeping "
+        "them (auto: on when the memory estimate says they would not fit)")
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "--epochs must be positive")
@@ -100,6 +106,9 @@ class TrainSettings:
             self.report_to in ("none", "tensorboard", "mlflow", "wandb"),
             "--report-to must be none, tensorboard, mlflow or wandb",
         )
+        _check(self.quantize in ("none", "nf4"), "--quantize must be none or nf4")
+        _check(self.grad_checkpointing in ("auto", "on", "off"),
+               "--grad-checkpointing must be auto, on or off")
 
 
 @dataclass(frozen=True)
