@@ -37,7 +37,11 @@ def checkpoint_activations(model) -> None:
     """Keep only each decoder layer's input for the backward and recompute the rest there.
     Non-reentrant: the reentrant kind needs an input that requires grad, which a frozen
     embedding does not give, and would silently train no LoRA weight below the first layer."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def save(model, folder: Path, state_dict: dict | None = None) -> None:
