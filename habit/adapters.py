@@ -33,6 +33,17 @@ def attach(model, lora: LoraSettings):
         raise HabitError(f"--targets {lora.targets!r}: {models._one_line(e)}") from None
 
 
+def checkpoint_activations(model) -> None:
+    """Keep only each decoder layer's input for the backward and recompute the rest there.
+    Non-reentrant: the reentrant kind needs an input that requires grad, which a frozen
+    embedding does not give, and would silently train no LoRA weight below the first layer."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def save(model, folder: Path, state_dict: dict | None = None) -> None:
     """Write adapter_config.json + adapter_model.safetensors (PEFT's format) atomically.
 
@@ -72,8 +83,12 @@ class LoadedRun:
     stop: list[int]
 
 
-def load_run(run: str | Path, device: str = "cpu", dtype=None, check_hash: bool = True) -> LoadedRun:
-    """Load a run's base model (as run.json names it) with the run's adapter on top."""
+def load_run(run: str | Path, device: str = "cpu", dtype=None, check_hash: bool = True,
+             quantize: str | None = None) -> LoadedRun:
+    """Load a run's base model (as run.json names it) with the run's adapter on top.
+
+    `quantize` (none | nf4) defaults to what the run trained on, so eval sees the base the adapter
+    learned against; merging passes "none": a merge into a 4-bit base rounds the merged weights."""
     run = Path(run)
     info = rundir.read_run(run)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
@@ -90,7 +105,9 @@ def load_run(run: str | Path, device: str = "cpu", dtype=None, check_hash: bool 
             )
     if dtype is None:
         dtype = models.best_dtype(info["settings"]["train"].get("precision", "auto"), device)
-    model, tokenizer = models.load_model(source, dtype=dtype, device=device)
+    if quantize is None:
+        quantize = info["settings"]["train"].get("quantize", "none")
+    model, tokenizer = models.load_model(source, dtype=dtype, device=device, quantize=quantize)
     try:
         model = PeftModel.from_pretrained(model, str(run), is_trainable=False)
     except Exception as e:

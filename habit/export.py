@@ -73,8 +73,8 @@ def _merge_in_memory(run_dir):
     from habit.adapters import load_run
 
     # fp32 whatever the run trained in: merging adds a small update to each weight, and in bf16
-    # much of it would round away.
-    run = load_run(run_dir, dtype=torch.float32)
+    # much of it would round away. Never onto a 4-bit base, whatever the run trained on.
+    run = load_run(run_dir, dtype=torch.float32, quantize="none")
     model = run.model.merge_and_unload()
     meta = {"run": str(Path(run_dir).resolve()), "base": run.info["base"],
             "template": run.info["template"], "template_text": run.info.get("template_text"),

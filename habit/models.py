@@ -234,24 +234,63 @@ def load_tokenizer(source: Source):
     return tokenizer
 
 
-def load_model(source: Source | str, dtype=None, device: str = "cpu"):
-    """Return (model, tokenizer) for a source, in eval mode, on `device`."""
+def quantization_config(quantize: str, dtype):
+    """transformers' BitsAndBytesConfig for `quantize` ("none" → None); nf4 computes in `dtype`."""
+    if quantize == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise HabitError(f"--quantize {quantize} needs bitsandbytes: pip install 'habit[nf4]' "
+                         "(or pip install bitsandbytes)")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage="uint8")
+
+
+def load_model(source: Source | str, dtype=None, device: str = "cpu", quantize: str = "none"):
+    """Return (model, tokenizer) for a source, in eval mode, on `device`.
+
+    `quantize="nf4"` holds the Linear layers of the base in 4 bits (bitsandbytes' Linear4bit);
+    embeddings, norms and the head stay in `dtype`. Such a model is for training an adapter only:
+    merging into it would round the merged weights to 4 bits."""
     from transformers import AutoModelForCausalLM
 
     if isinstance(source, str):
         source = resolve(source)
+    bnb = quantization_config(quantize, dtype or _float32())
     tokenizer = load_tokenizer(source)
+    extra = {"quantization_config": bnb, "device_map": {"": device}} if bnb else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir(source), dtype=dtype or "float32")
+        model = AutoModelForCausalLM.from_pretrained(model_dir(source), dtype=dtype or "float32",
+                                                     **extra)
     except HabitError:
         raise
     except Exception as e:
         raise _load_error(source, e) from None
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.to(device)
+    if bnb is None:  # a quantized model is placed by device_map and refuses .to()
+        model.to(device)
+    else:
+        _no_cpu_packing(model)
     model.eval()
     return model, tokenizer
+
+
+def _no_cpu_packing(model) -> None:
+    """bitsandbytes repacks a 4-bit weight for its AVX512-BF16 kernel the first time the layer runs
+    in eval mode without grad (a validation pass); the repack is one-way, that kernel has no
+    backward (the next training step would send no gradient through the layer), and it needs
+    shapes that tiny models lack. Keep every layer on the path that trains."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _float32():
+    import torch
+
+    return torch.float32
 
 
 def set_pad_token(tokenizer) -> None:

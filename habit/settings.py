@@ -81,6 +81,12 @@ class TrainSettings:
     keep: str = _opt(
         "best", "best | last: the run's adapter is the validated one with the lowest validation "
         "loss (best: a run that starts to overfit keeps its earlier state), or the final one")
+    quantize: str = _opt(
+        "none", "none | nf4: hold the frozen base in 4 bits (QLoRA through bitsandbytes, CPU and "
+        "CUDA); merge and export still use the full-precision base")
+    grad_checkpointing: str = _opt(
+        "auto", "auto | on | off: recompute activations in the backward pass instead of keeping "
+        "them (auto: on when the memory estimate says they would not fit)")
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "--epochs must be positive")
@@ -108,6 +114,9 @@ class TrainSettings:
             self.report_to in ("none", "tensorboard", "mlflow", "wandb"),
             "--report-to must be none, tensorboard, mlflow or wandb",
         )
+        _check(self.quantize in ("none", "nf4"), "--quantize must be none or nf4")
+        _check(self.grad_checkpointing in ("auto", "on", "off"),
+               "--grad-checkpointing must be auto, on or off")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from habit import adapters, allocator, fastpath, metrics, models, rundir
+from habit import adapters, allocator, fastpath, memory, metrics, models, rundir
 from habit.data import Example, Table, split
 from habit.errors import HabitError, Interrupted
 from habit.render import Encoded, Template, choose_template, encode_all
@@ -375,6 +375,20 @@ class _StopFlag:
         return False
 
 
+def memory_plan(source: models.Source, lora: LoraSettings, settings: TrainSettings, dtype,
+                device: str, say: bool = True) -> memory.Estimate:
+    """The memory estimate for this run, said on stderr before any weights load; decides
+    `--grad-checkpointing auto` and refuses (one line saying what would fit) when it cannot fit."""
+    import torch
+
+    shape = memory.shape(models.load_config(source), lora)
+    dtype_bytes = torch.tensor([], dtype=dtype).element_size()
+    need = memory.plan(shape, settings, dtype_bytes, memory.available(device))
+    if say:
+        print(f"habit: {need.describe()}", file=sys.stderr)
+    return need
+
+
 def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
          settings: TrainSettings, on_log: Callable[[dict], None] | None, force: bool = False,
          checkpoint: Path | None = None) -> TrainResult:
@@ -395,7 +409,9 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
     main = accelerator.is_main_process
     set_seed(settings.seed)
     dtype = models.best_dtype(settings.precision, device.type)
-    base, tokenizer = models.load_model(source, dtype=dtype, device=str(device))
+    need = memory_plan(source, lora, settings, dtype, str(device), say=main)
+    base, tokenizer = models.load_model(source, dtype=dtype, device=str(device),
+                                        quantize=settings.quantize)
     template = choose_template(table, tokenizer)
     stop = models.stop_ids(tokenizer, base)
     train_enc, dropped = encode_all(train_ex, template, tokenizer, stop, settings.max_len,
@@ -417,6 +433,11 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
     model = adapters.attach(base, lora)
     model.train()
     fast = fastpath.FastPaths() if settings.plain_path else fastpath.setup(model)
+    if need.checkpointing:
+        adapters.checkpoint_activations(model)
+        # the recomputation runs inside the backward, outside a pass's fast-path context, and would
+        # rebuild merged-LoRA layers as PEFT's (a different graph from the one it replaces)
+        fast = dataclasses.replace(fast, lora=())
     if fast.attention:
         fast = dataclasses.replace(fast, prefix=fastpath.shared_prefix(train_enc + val_enc))
     if accelerator.distributed_type.name in ("DEEPSPEED", "FSDP"):
@@ -456,6 +477,8 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
         "settings": {"lora": as_dict(lora), "train": as_dict(settings)},
         "plan": {"steps": total, "steps_per_epoch": steps_per_epoch, "row_width": width,
                  "processes": world, "dtype": str(dtype).replace("torch.", ""),
+                 "quantize": settings.quantize, "grad_checkpointing": need.checkpointing,
+                 "memory_estimate_gb": round(need.total / 1e9, 2),
                  "fast_paths": fast.names(), "fast_check": round(fast_diff, 6) if fast_diff is not None else None,
                  "malloc": allocator.describe()},
         "versions": versions(),

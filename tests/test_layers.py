@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "habit"
 LAYERS = [
     {"errors"},
     {"settings", "metrics", "rundir", "allocator", "archs", "losses"},
-    {"data", "models"},
+    {"data", "models", "memory"},
     {"render"},
     {"adapters", "fastpath"},
     {"training", "generation"},
