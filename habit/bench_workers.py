@@ -263,11 +263,10 @@ def habit_steps(encoded, tokens: int, max_len: int, settings: TrainSettings | No
     the same schedule train() walks, epoch after epoch."""
     settings = settings or TrainSettings()
     width = training.row_width(encoded, max_len)
-    micro = settings.batch_tokens // settings.grad_accum
     seen = 0
-    plan = training.schedule(encoded, width, micro, settings.seed, settings.grad_accum)
-    for step, (_, _, batches, _) in enumerate(plan, start=1):
-        seen += sum(b.tokens for b in batches)
+    plan = training.schedule(encoded, width, settings.batch_tokens, settings.seed)
+    for step, (_, _, batch, _) in enumerate(plan, start=1):
+        seen += batch.tokens
         if seen >= tokens and step >= 2:
             return step
     raise AssertionError("unreachable: the schedule is endless")

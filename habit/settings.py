@@ -52,9 +52,10 @@ class TrainSettings:
     lr: float = _opt(1e-3, "peak learning rate (linear warm-up, then cosine decay to 10%)")
     warmup: float = _opt(0.05, "fraction of the steps spent warming up the learning rate")
     batch_tokens: int = _opt(
-        2048, "tokens per optimizer step (examples are packed, no padding is trained on)"
-    )
-    grad_accum: int = _opt(1, "micro-batches per optimizer step (each holds --batch-tokens/N)")
+        2048, "tokens per optimizer step in total, split across processes (examples are packed, "
+        "no padding is trained on): a recipe means the same on 1 or 64 processes")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step on each process (memory; the "
+                              "gradient is the same)")
     micro_tokens: int = _opt(
         1024, "most tokens in one forward/backward pass (memory): a micro-batch runs as passes of "
         "whole packed rows, at least one; the gradient is the same")

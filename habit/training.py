@@ -329,18 +329,27 @@ def latest_checkpoint(run: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def schedule(encoded: Sequence[Encoded], width: int, micro: int, seed: int, per_step: int):
-    """Yield (epoch, fraction of the epoch done, the step's micro-batches for all ranks, epoch end)
-    forever. A pure function of its inputs: resuming at step N is skipping N items."""
+def schedule(encoded: Sequence[Encoded], width: int, batch_tokens: int, seed: int):
+    """Yield (epoch, fraction of the epoch done, the step's rows as one Batch, epoch end) forever.
+    A step holds `batch_tokens` in total, whatever the number of processes (`share` splits it);
+    an epoch's last, shorter step is trained too. A pure function of its inputs: resuming at step
+    N is skipping N items."""
     epoch = 0
     while True:
-        batches = plan_epoch(encoded, width, micro, seed, epoch)
-        if len(batches) < per_step:  # tiny data: repeat so every rank has its share
-            batches = batches * math.ceil(per_step / len(batches))
-        steps = len(batches) // per_step
-        for k in range(steps):
-            yield epoch, (k + 1) / steps, batches[k * per_step : (k + 1) * per_step], k + 1 == steps
+        steps = plan_epoch(encoded, width, batch_tokens, seed, epoch)
+        for k, step in enumerate(steps):
+            yield epoch, (k + 1) / len(steps), step, k + 1 == len(steps)
         epoch += 1
+
+
+def share(step: Batch, rank: int, world: int, grad_accum: int) -> list[Batch]:
+    """This process's micro-batches of one step: every world-th row, in up to `grad_accum` groups.
+    Empty when the step has fewer rows than processes (the caller still joins the reduction)."""
+    mine = step.rows[rank::world]
+    if not mine:
+        return []
+    per = math.ceil(len(mine) / grad_accum)
+    return [Batch(mine[i : i + per], step.width) for i in range(0, len(mine), per)]
 
 
 class _StopFlag:
@@ -424,9 +433,8 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
     width = row_width(train_enc + val_enc, settings.max_len)
     micro = settings.batch_tokens // settings.grad_accum
     world, rank = accelerator.num_processes, accelerator.process_index
-    per_step = world * settings.grad_accum
-    first_epoch = plan_epoch(train_enc, width, micro, settings.seed, 0)
-    steps_per_epoch = max(1, len(first_epoch) // per_step)
+    first_epoch = plan_epoch(train_enc, width, settings.batch_tokens, settings.seed, 0)
+    steps_per_epoch = len(first_epoch)
     total = settings.steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
     val_batches = plan_epoch(val_enc, width, micro, settings.seed, 0, shuffle=False)[rank::world]
 
@@ -516,29 +524,37 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
     start, start_tokens = time.perf_counter(), seen_tokens
     computed_tokens = seen_tokens  # what the model ran on: real tokens less the repeats of a shared prefix
     train_loss = val_loss = None
-    plan = itertools.islice(schedule(train_enc, width, micro, settings.seed, per_step), first, total)
+    plan = itertools.islice(schedule(train_enc, width, settings.batch_tokens, settings.seed), first, total)
     with _StopFlag() as stop_flag:
-        for step, (epoch, done, step_batches, epoch_end) in enumerate(plan, start=first):
-            mine = step_batches[rank * settings.grad_accum : (rank + 1) * settings.grad_accum]
-            targets = sum(b.targets for b in mine)
+        for step, (epoch, done, step_batch, epoch_end) in enumerate(plan, start=first):
+            mine = share(step_batch, rank, world, settings.grad_accum)
+            # the step's loss is its summed token losses over ALL its targets: each process divides
+            # by the global count, times `world` because DDP averages the processes' gradients
+            # (a mean of per-process means would weight examples unlike one process does)
+            scale = world / max(1, step_batch.targets)
+            my_targets = sum(b.targets for b in mine)
             step_loss = 0.0
             work = [part for batch in mine for part in passes(batch, settings.micro_tokens)]
+            idle = not work  # fewer rows than processes: a zero-weight pass still joins DDP's reduction
+            work = work or [Batch(step_batch.rows[:1], step_batch.width)]
             with fast.fixed_weights():
                 for k, part in enumerate(work):
                     sync = k == len(work) - 1  # DDP reduces gradients once, after the step's last pass
                     ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
                     with ctx:
                         loss, n = batch_loss(model, part, pad_id, device, fast)
-                        accelerator.backward(loss / max(1, targets))
-                    step_loss += float(loss.detach())
-                    seen_tokens += part.tokens * world
-                    computed_tokens += part.computed(fast.prefix) * world
+                        accelerator.backward(loss * (0.0 if idle else scale))
+                    step_loss += 0.0 if idle else float(loss.detach())
+            seen_tokens += step_batch.tokens
+            computed_tokens += sum(p.computed(fast.prefix) for r in range(world)
+                                   for b in share(step_batch, r, world, settings.grad_accum)
+                                   for p in passes(b, settings.micro_tokens))
             weights.grads_to_master()
             # one number says whether any gradient is inf/nan: their total norm
             norm = torch.nn.utils.get_total_norm([m.grad for m in weights.master if m.grad is not None])
             finite, stopping, step_loss, targets = _agree(
                 accelerator, math.isfinite(step_loss) and bool(torch.isfinite(norm)), stop_flag.requested,
-                step_loss, targets)
+                step_loss, my_targets)
             if not finite:
                 raise HabitError(f"step {step + 1}: the loss or a gradient is not finite (loss "
                                  f"{step_loss / max(1, targets):.4g}); try a lower --lr. The last "

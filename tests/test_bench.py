@@ -73,8 +73,8 @@ def test_habit_steps_consume_the_requested_tokens(tiny_model):
     assert bench_workers.habit_steps(enc, 1, 512) == 2  # never fewer than 2: the first step is not timed
     target = 5 * sum(len(e) for e in enc)
     steps = bench_workers.habit_steps(enc, target, 512)
-    plan = itertools.islice(training.schedule(enc, training.row_width(enc, 512), 2048, 0, 1), steps)
-    per_step = [sum(b.tokens for b in batches) for _, _, batches, _ in plan]
+    plan = itertools.islice(training.schedule(enc, training.row_width(enc, 512), 2048, 0), steps)
+    per_step = [batch.tokens for _, _, batch, _ in plan]
     assert sum(per_step) >= target > sum(per_step[:-1])
 
 

@@ -14,21 +14,30 @@ import pytest
 from habit import adapters, rundir
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
-                    reason="torchrun not installed beside this python")
-def test_torchrun_two_processes(tiny_model, roles_csv, tmp_path):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed beside this python")
+
+
+def launch(processes: int, args: list, cwd) -> subprocess.CompletedProcess:
+    """`habit train ARGS` on 1 process (plain python) or N (torchrun, gloo on CPU)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    with socket.socket() as s:  # a free port: torchrun's static rendezvous hangs on port 0
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    done = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-         "-m", "habit", "train", roles_csv,
-         "--model", tiny_model, "--out", "run", "--steps", "8", "--batch-tokens", "256",
-         "--max-len", "256", "--lr", "2e-2", "--json"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    if processes == 1:
+        cmd = [sys.executable, "-m", "habit", "train", *map(str, args)]
+    else:
+        with socket.socket() as s:  # a free port: torchrun's static rendezvous hangs on port 0
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [TORCHRUN, "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "-m", "habit", "train", *map(str, args)]
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@needs_torchrun
+def test_torchrun_two_processes(tiny_model, roles_csv, tmp_path):
+    done = launch(2, [roles_csv, "--model", tiny_model, "--out", "run", "--steps", "8",
+                      "--batch-tokens", "256", "--max-len", "256", "--lr", "2e-2", "--json"], tmp_path)
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(results) == 1, done.stdout  # rank 0 alone reports
     run = tmp_path / "run"
@@ -41,3 +50,27 @@ def test_torchrun_two_processes(tiny_model, roles_csv, tmp_path):
     assert losses[-1] < losses[0]
     loaded = adapters.load_run(run)
     assert loaded.model.active_adapter == "default"
+
+
+@needs_torchrun
+def test_two_processes_take_the_same_steps_as_one(arch_model, roles_csv, tmp_path):
+    """The same seed and data on 1 and on 2 processes: the same per-step losses and the same
+    adapter. A step is --batch-tokens in total, split across processes, and each process divides
+    by the step's global target count. Here a step is 2 rows of unequal length (one a process),
+    and each epoch's last step is 1 row: the second process then has none and joins with a
+    zero-weight pass."""
+    from safetensors.torch import load_file
+
+    args = [roles_csv, "--model", arch_model("llama"), "--steps", "6", "--batch-tokens", "512",
+            "--max-len", "256", "--lr", "2e-2", "--precision", "fp32", "--val-frac", "0"]
+    launch(1, args + ["--out", "one"], tmp_path)
+    launch(2, args + ["--out", "two"], tmp_path)
+    curves = [[r["loss"] for r in rundir.read_jsonl(tmp_path / name / "metrics.jsonl") if "loss" in r]
+              for name in ("one", "two")]
+    assert len(curves[0]) == 6
+    assert curves[1] == pytest.approx(curves[0], rel=1e-4)
+    one, two = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("one", "two"))
+    assert one.keys() == two.keys()
+    for k in one:
+        rel = float((one[k] - two[k]).norm() / one[k].norm().clamp_min(1e-12))
+        assert rel <= 1e-3, (k, rel)
