@@ -48,6 +48,10 @@ _LLAMA3_SPLIT = (
     "| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 )
 
+# Qwen2's (Qwen2.5's, Qwen3's): Llama 3's with digits one at a time; transformers' Qwen2Tokenizer
+# installs it whatever tokenizer.json said.
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace("\\p{N}{1,3}", "\\p{N}")
+
 
 # ---------------------------------------------------------------- merge
 
@@ -293,6 +297,8 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
         return "smollm"  # GPT-2's regex, digits one by one
     if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == _LLAMA3_SPLIT:
         return "llama-bpe"
+    if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == _QWEN2_SPLIT:
+        return "qwen2"
     raise HabitError(f"GGUF export: the tokenizer's pre-tokenizer ({' + '.join(kinds) or 'none'}) "
                      "has no known llama.cpp equivalent")
 
@@ -333,7 +339,8 @@ def _write_tensors(writer, arch, model, dtype: str) -> None:
     state = model.state_dict()
     embed = model.get_input_embeddings().weight
     if _rope(config).get("rope_type") == "llama3":
-        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS], llama3_rope_factors(config))
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                          llama3_rope_factors(config))
     for name, tensor in state.items():
         if name == "lm_head.weight" and tensor.data_ptr() == embed.data_ptr():
             continue  # tied: llama.cpp reuses token_embd when output.weight is absent
