@@ -552,10 +552,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help='print {"path": ...}')
     p.set_defaults(func=cmd_merge)
 
-    p = command("export", "write a run as one GGUF file for llama.cpp / Ollama (Llama-architecture models)")
+    p = command("export", "write a run as one GGUF file for llama.cpp / Ollama (every architecture habit trains)")
     p.add_argument("run", help="run directory written by 'habit train', or a 'habit merge' folder")
     p.add_argument("--gguf", required=True, metavar="FILE", help="GGUF file to write, e.g. tuned.gguf")
-    p.add_argument("--dtype", default="f16", help="weight type: f16 | q8_0 (norms stay f32)")
+    p.add_argument("--dtype", default="f16",
+                   help="weight type: f16 | q8_0 | q4_0 (norms stay f32). For Q4_K_M run llama.cpp's "
+                        "llama-quantize on the f16 file: gguf's Python quantizer has no K-quants")
     p.add_argument("--ollama", action="store_true",
                    help="also write an Ollama Modelfile beside the GGUF, with the run's prompt template")
     p.add_argument("--force", action="store_true", help="replace an existing GGUF file / Modelfile")

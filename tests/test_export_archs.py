@@ -1,0 +1,100 @@
+"""train → merge → GGUF export → llama.cpp, for every architecture in habit/archs.py.
+
+Each tiny random checkpoint (tests/archs.py) is trained 2 steps, merged, exported (f16, q8_0,
+q4_0), and the f16 file is loaded into llama.cpp (`xllamacpp`): its greedy next tokens must equal
+transformers' on the merged model. Prompts stay shorter than the sliding windows (48 tokens), since
+llama.cpp's `llama` (Mistral) and `phi3` architectures ignore the window.
+
+Greedy decoding on random weights meets near-ties that f16 rounding can flip, so llama.cpp is fed
+transformers' own tokens (teacher forcing) and each step's top-1 is compared where transformers'
+top-1 logit leads the runner-up by MARGIN; the test fails if fewer than half the steps are clear
+enough to compare.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import complete
+from habit import load_examples
+from habit.export import export_gguf, merge
+from habit.settings import TrainSettings
+from habit.training import train
+
+ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3", "phi3"]
+GGUF_ARCH = {"llama": "llama", "llama3": "llama", "mistral": "llama", "qwen2": "qwen2",
+             "qwen3": "qwen3", "gemma3": "gemma3", "phi3": "phi3"}
+PROMPTS = [
+    "<|im_start|>user\nLinux Terminal<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nChess Coach<|im_end|>\n<|im_start|>assistant\n",
+    "<act>: Poet\n<prompt>: the quick brown fox",
+]
+# f16 rounding of every weight moves these tiny models' logits by a few hundredths; a lead of 0.1
+# cannot flip, while a wrong permutation, norm or rope changes the tokens outright.
+MARGIN = 0.1
+STEPS = 6
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def tuned(request, arch_model, roles_csv, tmp_path_factory):
+    """(arch, merged folder, merged transformers model, tokenizer) after 2 training steps."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp(f"export-{request.param}")
+    train(load_examples(roles_csv), out / "run", model=arch_model(request.param),
+          settings=TrainSettings(steps=2, lr=5e-2, batch_tokens=512, max_len=256))
+    folder = merge(out / "run", out / "merged")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return request.param, folder, model, AutoTokenizer.from_pretrained(folder)
+
+
+def greedy_with_margins(model, tokenizer, text: str, n: int = STEPS) -> tuple[list[int], list[float]]:
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    out, margins = [], []
+    with torch.no_grad():
+        for _ in range(n):
+            top = model(ids).logits[0, -1].topk(2)
+            out.append(int(top.indices[0]))
+            margins.append(float(top.values[0] - top.values[1]))
+            ids = torch.cat([ids, torch.tensor([[out[-1]]])], dim=1)
+    return out, margins
+
+
+def test_llama_cpp_continues_like_transformers(tuned, llama_server, tmp_path):
+    from gguf import GGUFReader
+
+    arch, folder, model, tokenizer = tuned
+    path = export_gguf(folder, tmp_path / "tuned.gguf")
+    reader = GGUFReader(path)
+    assert reader.fields["general.architecture"].contents() == GGUF_ARCH[arch]
+    server = llama_server(path)
+    compared = total = 0
+    for text in PROMPTS:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        assert complete(server, text, n=1)["usage"]["prompt_tokens"] == len(ids)  # same tokenizer
+        ours, margins = greedy_with_margins(model, tokenizer, text)
+        for step, (token, margin) in enumerate(zip(ours, margins)):
+            total += 1
+            if margin < MARGIN:
+                continue  # a near-tie, which f16 rounding may flip: not evidence either way
+            # teacher-forced on transformers' own tokens, so one near-tie does not end the check
+            choice = complete(server, ids + ours[:step], n=1)["choices"][0]
+            # llama.cpp leaves out logprobs for a token that ends mid-character; then its text
+            assert (choice["logprobs"]["content"][0]["id"] == token if choice["logprobs"]
+                    else choice["text"] == tokenizer.decode([token])), (arch, text, step, margins, choice)
+            compared += 1
+    assert compared >= total // 2, (arch, compared, total, "too many near-ties to tell")
+
+
+@pytest.mark.parametrize("dtype, kind", [("q8_0", "Q8_0"), ("q4_0", "Q4_0")])
+def test_quantized_exports_load_in_llama_cpp(tuned, llama_server, tmp_path, dtype, kind):
+    from gguf import GGUFReader
+
+    arch, folder, model, tokenizer = tuned
+    path = export_gguf(folder, tmp_path / f"tuned-{dtype}.gguf", dtype=dtype)
+    types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+    assert types["token_embd.weight"] == kind and types["output_norm.weight"] == "F32"
+    assert kind in {types[n] for n in types if n.startswith("blk.0.") and n.endswith("output.weight")}
+    reply = complete(llama_server(path), PROMPTS[0], n=2)
+    assert len(reply["choices"][0]["logprobs"]["content"]) == 2
