@@ -141,10 +141,10 @@ def _tokenizer(vocab: int):
 # ---------------------------------------------------------------- runs
 
 
-def run_one(size: str, quant: str, cache: Path, data: Path, steps: int) -> dict:
+def run_one(size: str, quant: str, cache: Path, data: Path, steps: int, extra: list[str]) -> dict:
     model = "smollm2-135m" if size == "135m" else str(build_in_child(size, cache))
     out = cache / "runs" / f"{size}-{quant}"
-    flags = ["--steps", str(steps)] + FLAGS.get(size, [])
+    flags = ["--steps", str(steps)] + FLAGS.get(size, []) + extra
     if quant == "nf4":
         flags += ["--quantize", "nf4"]
     cmd = [sys.executable, "-m", "habit", "train", str(data), "--model", model, "--out", str(out),
@@ -157,8 +157,7 @@ def run_one(size: str, quant: str, cache: Path, data: Path, steps: int) -> dict:
     done = subprocess.run([sys.executable, "-c", wrap, *cmd], capture_output=True, text=True, env=env)
     wall = time.time() - t
     _, kb, rc = done.stdout.strip().splitlines()[-1].split()
-    row = {"size": size, "quant": quant, "flags": " ".join(f for f in flags if f != str(steps)
-                                                             and f != "--steps"),
+    row = {"size": size, "quant": quant, "flags": " ".join(flags[2:]),
            "peak_rss_gb": round(int(kb) * 1024 / 1e9, 2), "rc": int(rc), "wall_s": round(wall, 1),
            "date": datetime.date.today().isoformat()}
     estimate = [ln for ln in done.stderr.splitlines() if "memory estimate" in ln]
@@ -278,6 +277,7 @@ def main(argv=None) -> None:
     p.add_argument("--quant", nargs="+", default=["bf16", "nf4"], choices=["bf16", "nf4"])
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--data", default=str(DATA))
+    p.add_argument("--train-args", default="", help="more habit train flags, e.g. '--batch-tokens 1024'")
     p.add_argument("--cache", default=os.path.expanduser("~/.cache/habit/bench-sizes"))
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     p.add_argument("--build", help=argparse.SUPPRESS)
@@ -294,7 +294,7 @@ def main(argv=None) -> None:
     for size in args.sizes:
         for quant in args.quant:
             print(f"{size} {quant} ...", file=sys.stderr, flush=True)
-            row = run_one(size, quant, cache, Path(args.data), args.steps)
+            row = run_one(size, quant, cache, Path(args.data), args.steps, args.train_args.split())
             print(json.dumps(row), file=sys.stderr, flush=True)
             kept[f"{size}-{quant}"] = row
             cache.mkdir(parents=True, exist_ok=True)
