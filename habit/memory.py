@@ -11,7 +11,8 @@ machine, and an out-of-memory kill halfway through loading says nothing useful. 
 - activations of one pass of `micro_tokens` tokens: what each decoder layer keeps for its
   backward, roughly ACT_PER_LAYER·hidden bytes a token, or with checkpointing only the layer's
   input (2·hidden bytes a token) plus one layer's worth, recomputed in the backward;
-- the head: logits of HEAD_ROWS rows at a time (fp32, with their gradient);
+- the head: logits of HEAD_ROWS rows at a time (fp32, with their gradient), or the plain path's
+  full logits of one row on the first batch, which checks the fast paths against it;
 - transient: one dequantized or merged weight, and the Python + torch runtime.
 
 The constants are calibrated against peak RSS measured on the tiny test model, SmolLM2-135M and a
@@ -28,6 +29,7 @@ from habit.settings import LoraSettings, TrainSettings
 
 GB = 1e9
 ACT_PER_LAYER = 34  # bytes per token per hidden unit one decoder layer keeps for backward (bf16)
+PLAIN_HEAD_BYTES = 10  # per logit of the plain-path check, at --max-len (its row is often shorter)
 HEAD_ROWS = 256  # rows of logits alive at once in the chunked head loss (fastpath.HEAD_CHUNK)
 MERGED_KEEP_MAX = 1 << 30  # fastpath.MERGED_KEEP_MAX: merged weights kept through a step below it
 RUNTIME = 0.55 * GB  # Python, torch, transformers and the tokenizer, before any weights
@@ -110,7 +112,10 @@ def estimate(s: Shape, settings: TrainSettings, dtype_bytes: int, checkpointing:
         activations = tokens * s.hidden * (2 * dtype_bytes * s.layers + ACT_PER_LAYER * scale)
     else:
         activations = tokens * s.hidden * ACT_PER_LAYER * scale * s.layers
-    head = HEAD_ROWS * s.vocab * 4 * 3 + tokens * s.hidden * 4 * 2
+    # the first batch also runs the plain path once (training.check_fast): one packed row's full
+    # logits, fp32 copies and gradient; a row is at most --max-len tokens and often half of it
+    plain = min(tokens, settings.max_len) * s.vocab * PLAIN_HEAD_BYTES
+    head = max(HEAD_ROWS * s.vocab * 4 * 3, plain) + tokens * s.hidden * 4 * 2
     merged = s.adapted * dtype_bytes if s.adapted * dtype_bytes <= MERGED_KEEP_MAX else 0
     transient = RUNTIME + merged + 2 * s.largest_linear * dtype_bytes
     return Estimate(weights, adapter, activations, head, transient, checkpointing)

@@ -390,7 +390,14 @@ def memory_plan(source: models.Source, lora: LoraSettings, settings: TrainSettin
     `--grad-checkpointing auto` and refuses (one line saying what would fit) when it cannot fit."""
     import torch
 
-    shape = memory.shape(models.load_config(source), lora)
+    config = models.load_config(source)
+    try:
+        shape = memory.shape(config, lora)
+    except Exception as e:  # a config transformers cannot build on the meta device: train unguarded
+        if say:
+            print(f"habit: no memory estimate for this base ({models._one_line(e)[:120]})",
+                  file=sys.stderr)
+        return memory.Estimate(0, 0, 0, 0, 0, settings.grad_checkpointing == "on")
     dtype_bytes = torch.tensor([], dtype=dtype).element_size()
     need = memory.plan(shape, settings, dtype_bytes, memory.available(device))
     if say:
@@ -486,7 +493,7 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
         "plan": {"steps": total, "steps_per_epoch": steps_per_epoch, "row_width": width,
                  "processes": world, "dtype": str(dtype).replace("torch.", ""),
                  "quantize": settings.quantize, "grad_checkpointing": need.checkpointing,
-                 "memory_estimate_gb": round(need.total / 1e9, 2),
+                 "memory_estimate_gb": round(need.total / 1e9, 2) or None,
                  "fast_paths": fast.names(), "fast_check": round(fast_diff, 6) if fast_diff is not None else None,
                  "malloc": allocator.describe()},
         "versions": versions(),

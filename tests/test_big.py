@@ -171,3 +171,13 @@ def test_cli_refuses_a_base_that_cannot_fit(tiny_model, roles_csv, tmp_path):
     errors = [line for line in done.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "100M" not in errors[0] and "0.1 GB available" in errors[0]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen2", "qwen3", "gemma3", "phi3"])
+def test_shape_counts_every_architecture(arch_model, arch):
+    folder = arch_model(arch)
+    s = memory.shape(models.load_config(models.resolve(folder)), LoraSettings(rank=4))
+    base, _ = models.load_model(folder)
+    assert s.linear + s.other == sum(p.numel() for p in base.parameters())
+    peft = adapters.attach(base, LoraSettings(rank=4))
+    assert s.lora == sum(p.numel() for p in peft.parameters() if p.requires_grad)
