@@ -68,7 +68,8 @@ def reference(runs):
         run = loaded[render_as if model == "base" else model]
         template = RAW if raw else run.template
         prompt = role if raw else generation.build_prompt(run.template, run.tokenizer, role)
-        settings = GenerationSettings(max_new_tokens=max_tokens)
+        # the API's sampling is OpenAI's: no repetition penalty unless the request asks
+        settings = GenerationSettings(max_new_tokens=max_tokens, repetition_penalty=1.0)
         if model == "base":
             with run.model.disable_adapter():
                 g = generation.generate(run.model, run.tokenizer, template, [prompt], run.stop, settings)[0]
@@ -118,7 +119,7 @@ class Served:
 
 
 def request(port: int, method: str, path: str, body: bytes | dict | None = None,
-            headers: dict | None = None) -> tuple[int, object, dict]:
+            headers: dict | None = None) -> tuple[int, object, http.client.HTTPMessage]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     data = json.dumps(body).encode() if isinstance(body, dict) else body
     try:
@@ -128,7 +129,8 @@ def request(port: int, method: str, path: str, body: bytes | dict | None = None,
     finally:
         conn.close()
     kind = r.getheader("Content-Type", "")
-    return r.status, json.loads(raw) if "json" in kind else raw.decode(), dict(r.getheaders())
+    # r.headers: header names are case-insensitive (uvicorn sends them in lower case)
+    return r.status, json.loads(raw) if "json" in kind else raw.decode(), r.headers
 
 
 AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
@@ -222,7 +224,7 @@ def test_stream_ends_with_done(server):
     status, body, headers = request(server.port, "POST", "/v1/chat/completions", {
         "model": "base", "messages": [{"role": "user", "content": "Poet"}], "max_tokens": 4,
         "stream": True}, AUTH)
-    assert status == 200 and headers["Content-Type"] == "text/event-stream"
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
     events = [e for e in body.split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
 
@@ -288,6 +290,12 @@ BAD = [
     ("n=2", "POST", "/v1/completions", {"model": "base", "prompt": "x", "n": 2}, 400, "unsupported_parameter"),
     ("over the context", "POST", "/v1/completions", {"model": "base", "prompt": "Poet " * 600,
                                                      "max_tokens": 4}, 400, "context_length_exceeded"),
+    ("unknown field", "POST", "/v1/chat/completions", {**CHAT, "mirostat": 2}, 400,
+     "unsupported_parameter"),
+    ("tools", "POST", "/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400,
+     "unsupported_parameter"),
+    ("a penalty", "POST", "/v1/chat/completions", {**CHAT, "presence_penalty": 0.5}, 400,
+     "unsupported_parameter"),
     ("unknown path", "GET", "/v1/nothing", None, 404, "not_found"),
     ("wrong method", "GET", "/v1/chat/completions", None, 405, "method_not_allowed"),
     ("wrong method on models", "DELETE", "/v1/models", None, 405, "method_not_allowed"),
@@ -298,6 +306,9 @@ BAD = [
 def test_bad_requests(server, method, path, body, status, code):
     got, answer, _ = request(server.port, method, path, body, AUTH)
     assert got == status, answer
+    if code == "unsupported_parameter":  # the answer names the field
+        field = list(body)[-1]
+        assert answer["error"]["param"] == field and field in answer["error"]["message"]
     assert set(answer) == {"error"} and set(answer["error"]) == {"message", "type", "param", "code"}
     assert answer["error"]["code"] == code and answer["error"]["message"]
     assert answer["error"]["type"] == "invalid_request_error"
@@ -332,6 +343,79 @@ def test_load(server, client, reference):
           f"p95 {latency[int(0.95 * len(latency)) - 1] * 1000:.0f} ms")
 
 
+def test_keep_alive(server):
+    """HTTP/1.1: one connection carries several requests."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        for _ in range(3):
+            conn.request("POST", "/v1/chat/completions", body=json.dumps(CHAT), headers=AUTH)
+            r = conn.getresponse()
+            assert r.status == 200 and r.version == 11 and json.loads(r.read())["choices"]
+            assert (r.getheader("Connection") or "").lower() != "close"
+    finally:
+        conn.close()
+
+
+def test_streams_batch_with_the_others(client, reference):
+    """Streamed and plain requests at once: every answer is the library's greedy one."""
+    roles = ROLES * 2
+    want = {role: reference("roles", role, 12)[0].text for role in ROLES}
+
+    def ask(i):
+        kwargs = dict(model="roles", messages=[{"role": "user", "content": roles[i]}], max_tokens=12)
+        if i % 2:
+            return "".join(c.choices[0].delta.content or "" for c in
+                           client.chat.completions.create(**kwargs, stream=True) if c.choices)
+        return client.chat.completions.create(**kwargs).choices[0].message.content
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(ask, range(len(roles))))
+    assert got == [want[r] for r in roles]
+
+
+def health(port: int) -> dict:
+    return request(port, "GET", "/health")[1]
+
+
+def test_closed_stream_frees_the_worker(server):
+    """A client that leaves mid-stream: its generation ends at the next token, not at max_tokens."""
+    before = health(server.port)["cancelled"]
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/v1/completions", headers=AUTH, body=json.dumps(
+        {"model": "base", "prompt": "Poet", "max_tokens": CAP, "stream": True, "stop": ["\x00"]}))
+    r = conn.getresponse()
+    assert r.status == 200 and r.read(6) == b"data: "  # generation has begun
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    deadline = time.monotonic() + 30
+    while (h := health(server.port))["waiting"] or h["cancelled"] == before:
+        assert time.monotonic() < deadline, h
+        time.sleep(0.05)
+    assert h["cancelled"] == before + 1
+
+
+def test_full_queue_answers_503(runs):
+    server = make_server([runs["roles"]], port=0, max_queue=1)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("POST", "/v1/completions", headers={"Content-Type": "application/json"},
+                     body=json.dumps({"model": "base", "prompt": "Poet", "max_tokens": 400,
+                                      "stream": True}))
+        r = conn.getresponse()
+        assert r.status == 200 and r.read(6) == b"data: "
+        status, body, headers = request(port, "POST", "/v1/chat/completions", CHAT)
+        assert status == 503 and headers["Retry-After"] == "1", body
+        assert body["error"]["code"] == "server_busy" and body["error"]["type"] == "server_error"
+    finally:
+        conn.close()
+        server.stop()
+        thread.join(timeout=30)
+        server.close()
+
+
 def test_sigterm_finishes_the_request_in_flight(runs, tmp_path):
     s = Served([runs["roles"]], tmp_path)
     body = json.dumps(CHAT).encode()
@@ -355,7 +439,7 @@ def test_sigterm_finishes_the_request_in_flight(runs, tmp_path):
         answer += chunk
     conn.close()
     head, _, payload = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.0 200"), answer[:300]
+    assert head.startswith(b"HTTP/1.1 200"), answer[:300]
     assert json.loads(payload)["choices"][0]["message"]["content"] is not None
     code, err = s.stop(signal_it=False)  # the SIGTERM above is enough
     assert code == 0, err
