@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Callable, Sequence
 
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from habit import generation, render, rundir
 from habit.errors import HabitError
@@ -65,6 +65,17 @@ class Done:
     finish_reason: str  # "stop" (end token or stop string), "length", or "cancelled"
     prompt_tokens: int
     completion_tokens: int
+    # with Job.logprobs: one Token per answer token (and per prompt token with Job.echo)
+    tokens: list[Token] | None = None
+    prompt: list[Token] | None = None
+    prompt_text: str = ""  # with Job.echo: the prompt as text
+
+
+@dataclass(frozen=True)
+class Token:
+    text: str  # this token alone, decoded
+    logprob: float | None  # None: the first prompt token (nothing before it predicts it)
+    top: tuple[tuple[str, float], ...] = ()  # the k likeliest tokens at this position
 
 
 @dataclass(eq=False)
@@ -73,14 +84,19 @@ class Job:
     `items()` (text pieces when streaming, then a Done or an ApiError)."""
 
     model: Served
-    prompt: str
+    prompt: str | list[int]  # text, or token ids taken as they are
     template: Template  # how the prompt text is tokenized (the run's, or RAW)
     settings: GenerationSettings
     seed: int | None = None
     stream: bool = False
     stops: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none; k: each token's logprob and the k likeliest
+    echo: bool = False  # the prompt's tokens (and logprobs) too
+    generate: bool = True  # False: max_tokens 0, only the prompt is scored
     prompt_tokens: int = 0  # counted by the worker
     ids: list[int] = field(default_factory=list)
+    scored: list[Token] | None = None  # with echo: the prompt's tokens, scored by the worker
+    echoed: str = ""  # with echo: the prompt as text
     cancelled: threading.Event = field(default_factory=threading.Event)
     loop: asyncio.AbstractEventLoop | None = None
     out: asyncio.Queue | None = None
@@ -92,7 +108,7 @@ class Job:
 
     def key(self) -> tuple:
         """Jobs with equal keys can share one generate call (one adapter, one sampling setup)."""
-        return (self.model.name, self.settings, self.seed)
+        return (self.model.name, self.settings, self.seed, self.generate)
 
     def put(self, item) -> None:
         """From the worker thread: a text piece, or the job's end (a Done or an exception)."""
@@ -121,6 +137,17 @@ class Job:
         raise AssertionError("unreachable: items() ends with a Done")
 
 
+class Scores(LogitsProcessor):
+    """Keeps each step's scores for Rows (a stopping criterion is not given them): the model's
+    distribution after any penalty, before temperature and top_p, as OpenAI's logprobs are."""
+
+    last = None
+
+    def __call__(self, input_ids, scores):
+        self.last = scores
+        return scores
+
+
 class Rows(StoppingCriteria):
     """Per answer in a batch: ends it at its end token, at its first stop string, or when its
     client has gone, and feeds a streamed job its text as tokens arrive. A stopping criterion is
@@ -131,6 +158,8 @@ class Rows(StoppingCriteria):
         self.done = [False] * len(jobs)
         self.cancelled = 0  # answers ended early because their client left
         self.sent = [0] * len(jobs)  # characters of each streamed answer already sent
+        self.tokens: list[list[Token]] = [[] for _ in jobs]  # with logprobs: each row's so far
+        self.scores = Scores()
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
@@ -138,6 +167,9 @@ class Rows(StoppingCriteria):
         rows = input_ids[:, self.width:].tolist()
         for i, new in enumerate(rows):
             if not self.done[i]:
+                if self.jobs[i].logprobs is not None:
+                    self.tokens[i].append(token(self.tokenizer, self.scores.last[i], new[-1],
+                                                self.jobs[i].logprobs))
                 self._step(i, new)
         return torch.tensor(self.done, device=input_ids.device)
 
@@ -147,6 +179,7 @@ class Rows(StoppingCriteria):
             self.cancelled += 1
             return self._end(i, "", "cancelled", len(new))
         if new and new[-1] in self.stop:
+            del self.tokens[i][len(new) - 1:]  # the end token is not part of the answer
             return self._end(i, self._text(new[:-1]), "stop", len(new))
         text = self._text(new)
         cut = _cut(text, job.stops)
@@ -168,13 +201,26 @@ class Rows(StoppingCriteria):
         self.done[i] = True
         if job.stream and finish != "cancelled" and len(text) > self.sent[i]:
             job.put(text[self.sent[i]:])
-        job.put(Done(text, finish, job.prompt_tokens, tokens))
+        job.put(Done(text, finish, job.prompt_tokens, tokens,
+                     self.tokens[i] if job.logprobs is not None else None, job.scored, job.echoed))
 
     def finish(self, out) -> None:
         """After generate: the answers no criterion ended ran out of tokens."""
         for i, new in enumerate(out[:, self.width:].tolist()):
             if not self.done[i]:
                 self._end(i, self._text(new), "length", len(new))
+
+
+def token(tokenizer, scores, token_id: int, k: int) -> Token:
+    """A token with its logprob under `scores` (one row of logits) and the k likeliest."""
+    import torch
+
+    logprobs = torch.log_softmax(scores.float(), -1)
+    top = ()
+    if k:
+        values, ids = logprobs.topk(k)
+        top = tuple((tokenizer.decode([t]), float(v)) for v, t in zip(values.tolist(), ids.tolist()))
+    return Token(tokenizer.decode([token_id]), float(logprobs[token_id]), top)
 
 
 def _cut(text: str, stops: Sequence[str]) -> int | None:
@@ -257,12 +303,22 @@ class Engine:
             job.put(Done("", "cancelled", 0, 0))
             return False
         try:
-            job.ids = render.prompt_ids(job.prompt, job.template, self.run.tokenizer)
+            if isinstance(job.prompt, str):
+                job.ids = render.prompt_ids(job.prompt, job.template, self.run.tokenizer)
+            else:
+                job.ids = list(job.prompt)
+                vocab = self.run.model.get_input_embeddings().weight.shape[0]
+                if not job.ids or not all(0 <= t < vocab for t in job.ids):
+                    job.put(ApiError(400, f"a token-id prompt must be 1 or more ids in 0..{vocab - 1}",
+                                     "prompt", "invalid_value"))
+                    return False
             job.prompt_tokens = len(job.ids)
+            if job.echo:
+                job.echoed = job.prompt if isinstance(job.prompt, str) else self.run.tokenizer.decode(job.ids)
         except Exception as e:  # never let one odd prompt end the worker (every request would hang)
             job.put(ApiError(500, f"cannot tokenize the prompt: {e}", kind="server_error"))
             return False
-        wanted = job.prompt_tokens + job.settings.max_new_tokens
+        wanted = job.prompt_tokens + job.settings.max_new_tokens * job.generate
         if self.context and wanted > self.context:
             job.put(ApiError(400, f"the prompt ({job.prompt_tokens} tokens) plus max_tokens "
                                   f"({job.settings.max_new_tokens}) exceed the model's context "
@@ -275,6 +331,14 @@ class Engine:
         import torch
 
         head, tokenizer = jobs[0], self.run.tokenizer
+        for job in jobs:
+            if job.echo and job.logprobs is not None:
+                job.scored = self._score(job)
+        if not head.generate:  # max_tokens 0: the prompt alone
+            for job in jobs:
+                job.put(Done("", "length", job.prompt_tokens, 0, [] if job.logprobs is not None
+                             else None, job.scored, job.echoed))
+            return
         width, pad = max(len(j.ids) for j in jobs), tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(j.ids)) + j.ids for j in jobs])
         mask = torch.tensor([[0] * (width - len(j.ids)) + [1] * len(j.ids) for j in jobs])
@@ -286,10 +350,24 @@ class Engine:
                 input_ids=ids.to(self.run.model.device), attention_mask=mask.to(self.run.model.device),
                 max_new_tokens=head.settings.max_new_tokens, eos_token_id=list(self.run.stop),
                 pad_token_id=pad, stopping_criteria=StoppingCriteriaList([rows]),
+                logits_processor=LogitsProcessorList([rows.scores]),
                 **generation.sampling(head.settings))
         rows.finish(out)
         with self.lock:
             self.cancelled += rows.cancelled
+
+
+    def _score(self, job: Job) -> list[Token]:
+        """The prompt's tokens with their logprobs: one forward pass (echo; log-likelihoods)."""
+        import torch
+
+        with torch.no_grad():
+            ids = torch.tensor([job.ids], device=self.run.model.device)
+            logits = self.run.model(input_ids=ids).logits[0]
+        tokenizer = self.run.tokenizer
+        first = Token(tokenizer.decode([job.ids[0]]), None)
+        return [first] + [token(tokenizer, logits[p - 1], job.ids[p], job.logprobs)
+                          for p in range(1, len(job.ids))]
 
 
 def run_names(runs: Sequence[str | Path]) -> list[str]:

@@ -50,12 +50,13 @@ from starlette.exceptions import HTTPException
 
 from habit import generation
 from habit.data import Message
-from habit.engine import BATCH, QUEUE, ApiError, Done, Engine, Job, Served, load
+from habit.engine import BATCH, QUEUE, ApiError, Done, Engine, Job, Served, Token, load
 from habit.errors import HabitError
 from habit.render import Template
 from habit.serve_api import ChatRequest, CompletionRequest, validate
 from habit.settings import GenerationSettings
 
+TOP_LOGPROBS = 5  # most alternatives listed per token (OpenAI's completions limit)
 MAX_BODY = 1 << 20  # bytes; larger bodies get 413
 DEFAULT_MAX_TOKENS = 256  # when neither the request nor --max-tokens-cap says
 RAW = Template("text", None, None)  # /v1/completions: the tokenizer's usual specials, no template
@@ -76,6 +77,13 @@ class Request:
     stream: bool
     usage_in_stream: bool
     stops: tuple[str, ...]
+    logprobs: int | None = None  # None: none; k: each token's logprob and the k likeliest
+    echo: bool = False
+    generate: bool = True  # False: max_tokens 0
+
+    def jobs(self) -> list[Job]:
+        return [Job(self.model, p, self.template, self.settings, self.seed, self.stream, self.stops,
+                    self.logprobs, self.echo, self.generate) for p in self.prompts]
 
 
 def parse(body: dict, chat: bool, engine: Engine, cap: int | None) -> Request:
@@ -89,8 +97,11 @@ def parse(body: dict, chat: bool, engine: Engine, cap: int | None) -> Request:
     if cap and max_tokens > cap:
         raise ApiError(400, f"max_tokens {max_tokens} is over this server's cap of {cap}",
                        "max_tokens", "max_tokens_over_cap")
+    if max_tokens < 0 or (max_tokens == 0 and (chat or not r.echo)):
+        raise ApiError(400, "max_tokens must be at least 1 (0 only with echo, to score a prompt)",
+                       "max_tokens", "invalid_value")
     try:
-        settings = GenerationSettings(max_tokens, float(r.temperature if r.temperature is not None else 0),
+        settings = GenerationSettings(max(max_tokens, 1), float(r.temperature if r.temperature is not None else 0),
                                       float(r.top_p if r.top_p is not None else 1.0),
                                       # not OpenAI's, but vLLM and llama.cpp servers take it too
                                       float(r.repetition_penalty or 1.0))
@@ -106,14 +117,32 @@ def parse(body: dict, chat: bool, engine: Engine, cap: int | None) -> Request:
         prompts = [_chat_prompt(r.messages, r.fields or {}, template, engine.run.tokenizer)]
     else:
         template = RAW
-        prompts = [r.prompt] if isinstance(r.prompt, str) else r.prompt
+        # a string, strings, token ids, or lists of token ids
+        one = isinstance(r.prompt, str) or (r.prompt and isinstance(r.prompt[0], int))
+        prompts = [r.prompt] if one else r.prompt
         if not prompts or len(prompts) > BATCH:
-            raise ApiError(400, f"'prompt' must be a string or 1 to {BATCH} strings", "prompt", "invalid_type")
+            raise ApiError(400, f"'prompt' must be a string, token ids, or 1 to {BATCH} of either",
+                           "prompt", "invalid_type")
+    logprobs = _logprobs(r, chat)
+    if r.stream and (logprobs is not None or (not chat and r.echo)):
+        raise ApiError(400, "logprobs and echo are not supported with stream", "stream",
+                       "unsupported_parameter")
     if r.stream and len(prompts) > 1:
         raise ApiError(400, "streaming takes one prompt", "prompt", "invalid_value")
     include_usage = bool(r.stream_options and r.stream_options.include_usage)
     return Request(chat, model, prompts, template, settings, r.seed, bool(r.stream), include_usage,
-                   tuple(stops))
+                   tuple(stops), logprobs, bool(not chat and r.echo), max_tokens > 0)
+
+
+def _logprobs(r, chat: bool) -> int | None:
+    """How many likeliest tokens to list per position (0: only the chosen one's logprob), or None."""
+    k = (r.top_logprobs or 0) if chat and r.logprobs else (None if chat else r.logprobs)
+    if chat and r.top_logprobs and not r.logprobs:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
+    if k is not None and not 0 <= k <= TOP_LOGPROBS:
+        name = "top_logprobs" if chat else "logprobs"
+        raise ApiError(400, f"'{name}' must be between 0 and {TOP_LOGPROBS}", name, "invalid_value")
+    return k
 
 
 def _template(render_as: str | None, model: Served, engine: Engine) -> Template:
@@ -166,6 +195,34 @@ def _choice(req: Request, i: int, text: str | None, finish: str | None, delta: b
         return {"index": i, "delta": content, "logprobs": None, "finish_reason": finish}
     return {"index": i, "message": {"role": "assistant", **content}, "logprobs": None,
             "finish_reason": finish}
+
+
+def _answer(req: Request, i: int, done: Done) -> dict:
+    """A whole (not streamed) choice, with echo and logprobs where asked."""
+    if req.chat:
+        choice = _choice(req, i, done.text, done.finish_reason, False)
+        if done.tokens is not None:
+            choice["logprobs"] = {"content": [_chat_token(t) | {"top_logprobs": [
+                _chat_token(Token(text, lp)) for text, lp in t.top]} for t in done.tokens]}
+        return choice
+    choice = _choice(req, i, done.prompt_text + done.text, done.finish_reason, False)
+    if done.tokens is not None:
+        tokens = (done.prompt or []) + done.tokens
+        offsets, at = [], 0
+        for t in tokens:
+            offsets.append(at)
+            at += len(t.text)
+        choice["logprobs"] = {"tokens": [t.text for t in tokens],
+                              "token_logprobs": [t.logprob for t in tokens],
+                              # tokens that decode alike (partial characters) share a key: the likeliest wins
+                              "top_logprobs": [None if t.logprob is None else dict(reversed(t.top))
+                                               for t in tokens],
+                              "text_offset": offsets}
+    return choice
+
+
+def _chat_token(t: Token) -> dict:
+    return {"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode())}
 
 
 def _event(obj: dict) -> bytes:
@@ -254,15 +311,14 @@ def build_app(server: "Server"):
     async def complete(request: HttpRequest, chat: bool):
         authorize(request)
         req = parse(await _read_json(request), chat, engine, server.max_tokens_cap)
-        jobs = engine.submit([Job(req.model, p, req.template, req.settings, req.seed, req.stream,
-                                  req.stops) for p in req.prompts])
+        jobs = engine.submit(req.jobs())
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                 "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": req.model.name}
         try:
             if not req.stream:
                 results = [await job.result() for job in jobs]
-                choices = [_choice(req, i, r.text, r.finish_reason, False) for i, r in enumerate(results)]
+                choices = [_answer(req, i, r) for i, r in enumerate(results)]
                 return JSONResponse({**head, "choices": choices, "usage": _usage(results)})
             items = jobs[0].items()
             first = await anext(items)  # a refused prompt is still an HTTP error, not an event

@@ -55,7 +55,7 @@ class ChatRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: Union[str, list[str]]
+    prompt: Union[str, list[str], list[int], list[list[int]]]
     max_completion_tokens: None = None
     echo: Optional[bool] = None
     logprobs: Optional[int] = None
@@ -66,8 +66,7 @@ class CompletionRequest(_Common):
 # field -> the values habit can honour (a field absent or null is always fine)
 UNHONOURED = {"n": (1,), "best_of": (1,), "presence_penalty": (0,), "frequency_penalty": (0,),
               "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",), "suffix": ("",),
-              "parallel_tool_calls": (False, True), "echo": (False,), "logprobs": (False, 0),
-              "top_logprobs": (0,), "response_format": ({"type": "text"},)}
+              "parallel_tool_calls": (False, True), "response_format": ({"type": "text"},)}
 
 
 def validate(model: type[_Common], body: dict) -> _Common:

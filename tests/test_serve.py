@@ -7,6 +7,7 @@ library gives for the same run in this process: that checks rendering and adapte
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -529,3 +530,71 @@ def test_cli_errors(runs, server, tmp_path, capsys):
     info["base"]["sha256"] = "0" * 64
     (other / "run.json").write_text(json.dumps(info))
     assert "must share one base" in one_line_error(capsys, ["serve", runs["roles"], str(other)])
+
+
+# ---------------------------------------------------------------- what evaluation clients need
+
+
+@pytest.fixture(scope="module")
+def scorer(runs):
+    """Log-probabilities of each prompt token as the library computes them (one forward pass)."""
+    import torch
+
+    run = load_run(runs["roles"])
+
+    def score(text: str, model: str = "roles") -> tuple[list[int], list[float]]:
+        ids = render.prompt_ids(text, RAW, run.tokenizer)
+        with torch.no_grad(), (run.model.disable_adapter() if model == "base" else contextlib.nullcontext()):
+            logits = run.model(input_ids=torch.tensor([ids])).logits[0]
+        logprobs = torch.log_softmax(logits.float(), -1)
+        return ids, [float(logprobs[p - 1, ids[p]]) for p in range(1, len(ids))]
+
+    return score
+
+
+def test_echo_scores_the_prompt(server, scorer):
+    text = "Linux Terminal: ls -la"
+    ids, want = scorer(text)
+    status, body, _ = request(server.port, "POST", "/v1/completions", {
+        "model": "roles", "prompt": text, "max_tokens": 0, "echo": True, "logprobs": 2}, AUTH)
+    assert status == 200, body
+    choice = body["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == text and body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0,
+                                                        "total_tokens": len(ids)}
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == pytest.approx(want, abs=1e-4)
+    assert "".join(lp["tokens"]) == text and lp["text_offset"][1] == len(lp["tokens"][0])
+    assert all(len(top) <= 2 and max(top.values()) >= t - 1e-6
+               for top, t in zip(lp["top_logprobs"][1:], lp["token_logprobs"][1:]))
+    # the same prompt as token ids, twice in one request, and on the base
+    status, by_ids, _ = request(server.port, "POST", "/v1/completions", {
+        "model": "base", "prompt": [ids, ids], "max_tokens": 0, "echo": True, "logprobs": 0}, AUTH)
+    base = scorer(text, "base")[1]
+    assert [c["index"] for c in by_ids["choices"]] == [0, 1] and base != pytest.approx(want, abs=1e-4)
+    for c in by_ids["choices"]:
+        assert c["text"] == text and c["logprobs"]["token_logprobs"][1:] == pytest.approx(base, abs=1e-4)
+
+
+def test_generated_logprobs(client, reference):
+    want = reference("roles", "Poet", 6, raw=True)[0]
+    r = client.completions.create(model="roles", prompt="Poet", max_tokens=6, logprobs=5)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == want.text and "".join(lp.tokens) == want.text
+    assert len(lp.tokens) == r.usage.completion_tokens - (want.finish_reason == "stop")
+    for top, token, logprob in zip(lp.top_logprobs, lp.tokens, lp.token_logprobs):
+        assert 1 <= len(top) <= 5 and logprob < 0  # tokens that decode alike share a key
+        assert max(top, key=top.get) == token and top[token] == pytest.approx(logprob)  # greedy
+    prompt_ids = reference("roles", "Poet", 6, raw=True)[1]
+    by_ids = client.completions.create(model="roles", prompt=[list(range(5, 5 + prompt_ids))], max_tokens=3)
+    assert by_ids.usage.prompt_tokens == prompt_ids
+    chat = client.chat.completions.create(model="roles", messages=[{"role": "user", "content": "Poet"}],
+                                          max_tokens=6, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == chat.choices[0].message.content
+    assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token for t in content)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model="roles", messages=[{"role": "user", "content": "x"}],
+                                       top_logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.completions.create(model="roles", prompt="x", logprobs=6)
