@@ -598,3 +598,35 @@ def test_generated_logprobs(client, reference):
                                        top_logprobs=2)
     with pytest.raises(openai.BadRequestError, match="logprobs"):
         client.completions.create(model="roles", prompt="x", logprobs=6)
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "lm_eval"
+
+
+def test_lm_eval(server, tiny_model, tmp_path, scorer):
+    """lm-evaluation-harness's local-completions model against the server: one multiple-choice
+    (log-likelihood) task and one generation task, scored like the library scores them."""
+    pytest.importorskip("lm_eval")
+    base_url = f"http://127.0.0.1:{server.port}/v1/completions"
+    args = (f"model=roles,base_url={base_url},tokenizer={tiny_model},tokenizer_backend=huggingface,"
+            "num_concurrent=2,max_retries=1")
+    env = dict(ENV, OPENAI_API_KEY=KEY, HF_DATASETS_CACHE=str(tmp_path / "datasets"))
+    done = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args", args,
+         "--tasks", "habit_tiny_mc,habit_tiny_gen", "--include_path", str(FIXTURES),
+         "--batch_size", "4", "--output_path", str(tmp_path / "out"), "--log_samples"],
+        cwd=FIXTURES, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
+    assert 0 <= results["habit_tiny_mc"]["acc,none"] <= 1
+    assert 0 <= results["habit_tiny_gen"]["exact_match,none"] <= 1
+    mc = [json.loads(line) for line in next((tmp_path / "out").rglob("samples_habit_tiny_mc_*.jsonl")).open()]
+    assert len(mc) == 4
+    for sample in mc:  # each choice's log-likelihood is the library's, to float precision
+        context = f"Question: {sample['doc']['question']}\nAnswer:"
+        for choice, resp in zip(sample["doc"]["choices"], sample["resps"]):
+            ids, logprobs = scorer(context + " " + choice)
+            n = len(scorer(context)[0])
+            assert float(resp[0][0]) == pytest.approx(sum(logprobs[n - 1:]), abs=1e-3)
+    gen = [json.loads(line) for line in next((tmp_path / "out").rglob("samples_habit_tiny_gen_*.jsonl")).open()]
+    assert len(gen) == 3 and all(isinstance(s["resps"][0][0], str) for s in gen)
