@@ -24,7 +24,7 @@ from typing import AsyncIterator, Callable, Sequence
 
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from habit import generation, render, rundir
+from habit import constrain, generation, render, rundir
 from habit.errors import HabitError
 from habit.render import Template
 from habit.settings import GenerationSettings
@@ -93,6 +93,7 @@ class Job:
     logprobs: int | None = None  # None: none; k: each token's logprob and the k likeliest
     echo: bool = False  # the prompt's tokens (and logprobs) too
     generate: bool = True  # False: max_tokens 0, only the prompt is scored
+    grammar: str | None = None  # llguidance grammar the answer must follow (response_format)
     prompt_tokens: int = 0  # counted by the worker
     ids: list[int] = field(default_factory=list)
     scored: list[Token] | None = None  # with echo: the prompt's tokens, scored by the worker
@@ -234,6 +235,8 @@ class Engine:
     def __init__(self, run, served: dict[str, Served], max_queue: int = QUEUE):
         self.run, self.served, self.max_queue = run, served, max_queue
         self.context = getattr(run.model.config, "max_position_embeddings", None)
+        self.vocab = run.model.get_input_embeddings().weight.shape[0]
+        self.grammar_tokenizer = constrain.Tokenizers(run.tokenizer, self.vocab, run.stop)
         self.jobs: queue.Queue = queue.Queue()
         self.lock = threading.Lock()
         self.waiting = 0  # jobs submitted and not finished
@@ -307,9 +310,8 @@ class Engine:
                 job.ids = render.prompt_ids(job.prompt, job.template, self.run.tokenizer)
             else:
                 job.ids = list(job.prompt)
-                vocab = self.run.model.get_input_embeddings().weight.shape[0]
-                if not job.ids or not all(0 <= t < vocab for t in job.ids):
-                    job.put(ApiError(400, f"a token-id prompt must be 1 or more ids in 0..{vocab - 1}",
+                if not job.ids or not all(0 <= t < self.vocab for t in job.ids):
+                    job.put(ApiError(400, f"a token-id prompt must be 1 or more ids in 0..{self.vocab - 1}",
                                      "prompt", "invalid_value"))
                     return False
             job.prompt_tokens = len(job.ids)
@@ -343,6 +345,11 @@ class Engine:
         ids = torch.tensor([[pad] * (width - len(j.ids)) + j.ids for j in jobs])
         mask = torch.tensor([[0] * (width - len(j.ids)) + [1] * len(j.ids) for j in jobs])
         rows = Rows(jobs, tokenizer, width, self.run.stop)
+        processors = [rows.scores]
+        if any(j.grammar for j in jobs):  # masks first: logprobs are of what was drawn from
+            processors.insert(0, constrain.Constrain([j.grammar for j in jobs],
+                                                     self.grammar_tokenizer.get(), width,
+                                                     self.run.stop))
         if head.seed is not None:
             torch.manual_seed(head.seed)
         with torch.no_grad():
@@ -350,7 +357,7 @@ class Engine:
                 input_ids=ids.to(self.run.model.device), attention_mask=mask.to(self.run.model.device),
                 max_new_tokens=head.settings.max_new_tokens, eos_token_id=list(self.run.stop),
                 pad_token_id=pad, stopping_criteria=StoppingCriteriaList([rows]),
-                logits_processor=LogitsProcessorList([rows.scores]),
+                logits_processor=LogitsProcessorList(processors),
                 **generation.sampling(head.settings))
         rows.finish(out)
         with self.lock:

@@ -48,7 +48,7 @@ from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from habit import generation
+from habit import constrain, generation
 from habit.data import Message
 from habit.engine import BATCH, QUEUE, ApiError, Done, Engine, Job, Served, Token, load
 from habit.errors import HabitError
@@ -80,10 +80,11 @@ class Request:
     logprobs: int | None = None  # None: none; k: each token's logprob and the k likeliest
     echo: bool = False
     generate: bool = True  # False: max_tokens 0
+    grammar: str | None = None  # response_format, as an llguidance grammar
 
     def jobs(self) -> list[Job]:
         return [Job(self.model, p, self.template, self.settings, self.seed, self.stream, self.stops,
-                    self.logprobs, self.echo, self.generate) for p in self.prompts]
+                    self.logprobs, self.echo, self.generate, self.grammar) for p in self.prompts]
 
 
 def parse(body: dict, chat: bool, engine: Engine, cap: int | None) -> Request:
@@ -131,7 +132,15 @@ def parse(body: dict, chat: bool, engine: Engine, cap: int | None) -> Request:
         raise ApiError(400, "streaming takes one prompt", "prompt", "invalid_value")
     include_usage = bool(r.stream_options and r.stream_options.include_usage)
     return Request(chat, model, prompts, template, settings, r.seed, bool(r.stream), include_usage,
-                   tuple(stops), logprobs, bool(not chat and r.echo), max_tokens > 0)
+                   tuple(stops), logprobs, bool(not chat and r.echo), max_tokens > 0,
+                   _grammar(r.response_format))
+
+
+def _grammar(response_format: dict | None) -> str | None:
+    try:
+        return constrain.grammar(response_format)
+    except ValueError as e:
+        raise ApiError(400, str(e), "response_format", "invalid_value") from None
 
 
 def _logprobs(r, chat: bool) -> int | None:

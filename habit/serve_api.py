@@ -56,6 +56,7 @@ class ChatRequest(_Common):
 
 class CompletionRequest(_Common):
     prompt: Union[str, list[str], list[int], list[list[int]]]
+    response_format: Optional[dict[str, Any]] = None  # vLLM's and llama.cpp's servers take it here too
     max_completion_tokens: None = None
     echo: Optional[bool] = None
     logprobs: Optional[int] = None
@@ -66,7 +67,7 @@ class CompletionRequest(_Common):
 # field -> the values habit can honour (a field absent or null is always fine)
 UNHONOURED = {"n": (1,), "best_of": (1,), "presence_penalty": (0,), "frequency_penalty": (0,),
               "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",), "suffix": ("",),
-              "parallel_tool_calls": (False, True), "response_format": ({"type": "text"},)}
+              "parallel_tool_calls": (False, True)}
 
 
 def validate(model: type[_Common], body: dict) -> _Common:

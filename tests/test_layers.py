@@ -14,7 +14,7 @@ LAYERS = [
     {"data", "models"},
     {"render"},
     {"adapters", "fastpath"},
-    {"training", "generation"},
+    {"training", "generation", "constrain"},
     {"evaluate", "report", "export", "engine", "serve", "serve_api", "bench", "bench_workers"},
     {"cli"},
     {"__init__", "__main__"},

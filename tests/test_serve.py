@@ -630,3 +630,31 @@ def test_lm_eval(server, tiny_model, tmp_path, scorer):
             assert float(resp[0][0]) == pytest.approx(sum(logprobs[n - 1:]), abs=1e-3)
     gen = [json.loads(line) for line in next((tmp_path / "out").rglob("samples_habit_tiny_gen_*.jsonl")).open()]
     assert len(gen) == 3 and all(isinstance(s["resps"][0][0], str) for s in gen)
+
+
+# ---------------------------------------------------------------- structured output
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer"}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("model", ["base", "roles"])
+def test_json_output(client, model):
+    """response_format is decoded under a grammar: even a random tiny model answers valid JSON."""
+    ask = dict(model=model, messages=[{"role": "user", "content": "Poet"}], max_tokens=CAP)
+    free = client.chat.completions.create(**ask).choices[0].message.content
+    with pytest.raises(ValueError):
+        json.loads(free)  # the same model, unconstrained: not JSON
+    r = client.chat.completions.create(**ask, response_format={
+        "type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}})
+    assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+    person = json.loads(r.choices[0].message.content)
+    assert set(person) == {"name", "age"} and isinstance(person["age"], int)
+    assert isinstance(person["name"], str) and len(person["name"]) <= 12
+    # json_object: any object. A random model never closes a free string, so the answer runs to
+    # max_tokens; what it wrote still follows the grammar (an object, opened by a key)
+    r = client.chat.completions.create(**ask, response_format={"type": "json_object"})
+    assert r.choices[0].message.content.startswith('{"') and not free.startswith('{"')
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(**ask, response_format={"type": "yaml"})
