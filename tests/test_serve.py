@@ -658,3 +658,35 @@ def test_json_output(client, model):
     assert r.choices[0].message.content.startswith('{"') and not free.startswith('{"')
     with pytest.raises(openai.BadRequestError, match="response_format"):
         client.chat.completions.create(**ask, response_format={"type": "yaml"})
+
+
+def test_langchain(server, reference):
+    """LangChain's ChatOpenAI: invoke, stream, batch, stop and with_structured_output."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from pydantic import BaseModel, Field
+
+    def chat(max_tokens: int):
+        return langchain_openai.ChatOpenAI(model="roles", base_url=f"http://127.0.0.1:{server.port}/v1",
+                                           api_key=KEY, max_tokens=max_tokens, temperature=0,
+                                           max_retries=0)
+
+    llm = chat(12)
+    want = {role: reference("roles", role, 12)[0].text for role in ROLES}
+    assert llm.invoke("Poet").content == want["Poet"]
+    assert "".join(chunk.content for chunk in llm.stream("Chess Coach")) == want["Chess Coach"]
+    assert [m.content for m in llm.batch(ROLES)] == [want[r] for r in ROLES]
+    text = want["Poet"]
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    assert llm.invoke("Poet", stop=[stop]).content == text[: text.find(stop)]
+
+    class Person(BaseModel):
+        name: str = Field(max_length=12)
+        age: int
+
+    person = chat(CAP).with_structured_output(Person, method="json_schema").invoke("Poet")
+    assert isinstance(person, Person) and len(person.name) <= 12
+    # json_mode (any object): a random model never closes a free string (see test_json_output),
+    # so the answer is cut at max_tokens, and LangChain is told so rather than handed prose
+    with pytest.raises(openai.LengthFinishReasonError) as cut:
+        llm.with_structured_output(method="json_mode").invoke("Poet")
+    assert cut.value.completion.choices[0].message.content.startswith('{"')
