@@ -431,6 +431,8 @@ def make_server(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int =
         raise HabitError("--max-tokens-cap must be at least 1")
     if api_key is not None and not api_key.strip():
         raise HabitError("--api-key must not be empty")
+    if max_queue < 1:
+        raise HabitError("--max-queue must be at least 1")
     engine = load(runs, device, max_queue)
     try:
         return Server(engine, host, port, api_key, max_tokens_cap)
@@ -442,10 +444,10 @@ def make_server(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int =
 
 def serve(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_tokens_cap: int | None = None,
-          ready: Callable[[Server], None] | None = None) -> None:
+          ready: Callable[[Server], None] | None = None, max_queue: int = QUEUE) -> None:
     """Serve runs until SIGTERM / Ctrl-C; in-flight requests finish first. `ready(server)` is
     called once the port is bound and the models are loaded."""
-    server = make_server(runs, host, port, api_key, max_tokens_cap)
+    server = make_server(runs, host, port, api_key, max_tokens_cap, max_queue=max_queue)
     previous = {}
 
     def restore(*_) -> None:

@@ -523,6 +523,7 @@ def test_cli_errors(runs, server, tmp_path, capsys):
     assert "not a habit run" in one_line_error(capsys, ["serve", str(tmp_path)])
     assert "no such run directory" in one_line_error(capsys, ["serve", str(tmp_path / "nope")])
     assert "between 0 and 65535" in one_line_error(capsys, ["serve", runs["roles"], "--port", "70000"])
+    assert "--max-queue" in one_line_error(capsys, ["serve", runs["roles"], "--max-queue", "0"])
     assert "port is in use" in one_line_error(capsys, ["serve", runs["roles"], "--port", str(server.port)])
     other = tmp_path / "other-base"
     shutil.copytree(runs["roles"], other)
@@ -690,3 +691,29 @@ def test_langchain(server, reference):
     with pytest.raises(openai.LengthFinishReasonError) as cut:
         llm.with_structured_output(method="json_mode").invoke("Poet")
     assert cut.value.completion.choices[0].message.content.startswith('{"')
+
+
+@pytest.mark.slow
+def test_json_object_on_a_real_model():
+    """json_object on SmolLM2-135M (the tiny model never closes a string): the grammar's answer
+    ends by itself and parses."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    from habit import constrain
+    from habit.models import load_model
+
+    model, tok = load_model("smollm2-135m")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Describe a cat as a JSON object."}],
+                                     add_generation_prompt=True, tokenize=False)
+    ids = torch.tensor([tok(prompt, add_special_tokens=False).input_ids])
+    stop = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    grammar_tokenizer = constrain.Tokenizers(tok, model.get_input_embeddings().weight.shape[0], stop)
+    mask = constrain.Constrain([constrain.grammar({"type": "json_object"})], grammar_tokenizer.get(),
+                               ids.shape[1], stop)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=64,
+                         do_sample=False, eos_token_id=stop, pad_token_id=tok.pad_token_id,
+                         logits_processor=LogitsProcessorList([mask]))
+    new = out[0, ids.shape[1]:].tolist()
+    assert new[-1] in stop
+    assert isinstance(json.loads(tok.decode(new, skip_special_tokens=True)), dict)
