@@ -349,7 +349,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.json:
             _print_json({"url": server.url, "models": server.model_ids})
 
-    serve(args.runs, args.host, args.port, args.api_key, args.max_tokens_cap, ready=ready)
+    serve(args.runs, args.host, args.port, args.api_key, args.max_tokens_cap, ready=ready,
+          max_queue=args.max_queue)
     return 0
 
 
@@ -533,6 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-cap", type=int, metavar="N",
                    help="refuse requests for more than N max_tokens; also the default max_tokens "
                         "(otherwise 256)")
+    p.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="most answers waiting or running; past that a request gets 503 with Retry-After")
     p.add_argument("--json", action="store_true", help='print {"url": ..., "models": [...]} once ready')
     p.set_defaults(func=cmd_serve)
 

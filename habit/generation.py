@@ -60,7 +60,7 @@ def build_prompt(template: Template, tokenizer, text: str | None = None,
     return render.prompt_text(template, tokenizer, fields=fields_for(template, text, fields))
 
 
-def _sampling(settings: GenerationSettings) -> dict:
+def sampling(settings: GenerationSettings) -> dict:
     penalty = {"repetition_penalty": settings.repetition_penalty} if settings.repetition_penalty != 1 else {}
     if settings.temperature == 0:
         return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, **penalty}
@@ -89,7 +89,7 @@ def generate(model, tokenizer, template: Template, prompts: Sequence[str], stop:
                 out = model.generate(
                     input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                     max_new_tokens=settings.max_new_tokens, eos_token_id=list(stop),
-                    pad_token_id=pad, **_sampling(settings))
+                    pad_token_id=pad, **sampling(settings))
             for i, row in enumerate(out[:, width:].tolist()):
                 ended = next((k for k, t in enumerate(row) if t in stop), None)
                 new = row[:ended] if ended is not None else row
@@ -118,7 +118,7 @@ def stream(model, tokenizer, template: Template, prompt: str, stop: Sequence[int
                 holder["out"] = model.generate(
                     input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                     max_new_tokens=settings.max_new_tokens, eos_token_id=list(stop),
-                    pad_token_id=tokenizer.pad_token_id, **_sampling(settings))
+                    pad_token_id=tokenizer.pad_token_id, **sampling(settings))
         except BaseException as e:  # re-raised in the caller's thread below
             holder["error"] = e
         finally:

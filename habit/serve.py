@@ -1,7 +1,7 @@
 """`habit serve`: an OpenAI-compatible HTTP server for trained runs, and a base-vs-tuned page.
 
     GET  /                     the compare page (base and a run answer one input, streamed)
-    GET  /health               {"status": "ok", "models": [...]}, no API key needed
+    GET  /health               {"status": "ok", "models": [...], "waiting": n, "cancelled": n}
     GET  /v1/models            "base" and every served run, by its directory's name
     POST /v1/chat/completions  messages → rendered by the run's own template → answer
     POST /v1/completions       `prompt` is raw text handed to the model as is (no template)
@@ -13,63 +13,57 @@ chat-kind runs put `messages` through the model's chat template; a text-kind run
 field from the last user message, or every field from a `"fields": {"act": "..."}` map at the top
 of the request (the openai client's `extra_body={"fields": ...}`). "base" renders with the first
 run's template, or with the run named in `"render_as"`, so base and tuned see the same prompt.
-`temperature` defaults to 0 (greedy, as everywhere in habit), not OpenAI's 1.
+Sampling follows OpenAI's API where the request says nothing, except that `temperature` defaults
+to 0 (greedy, as everywhere in habit): no repetition penalty unless `repetition_penalty` asks.
 
 Why it is built this way:
+- FastAPI on uvicorn: HTTP/1.1 keep-alive, one event loop instead of a thread per connection,
+  pydantic models that refuse fields habit cannot honour (400 naming the field), and uvicorn's
+  graceful shutdown (SIGTERM: stop accepting, finish in-flight requests, exit 0).
+- Streams are a plain StreamingResponse of `data:` lines: OpenAI's SSE needs nothing more, so
+  sse-starlette (pings, event ids) would be a dependency for no gain. Starlette cancels the
+  response when its client disconnects; the job is then cancelled and the worker drops it at
+  its next token.
 - Runs share ONE base in memory as PEFT named adapters, owned by one worker thread
-  (habit.engine); handler threads submit jobs to it, and jobs that wait together share one
-  batched `generate` call.
-- HTTP/1.0, one request per connection: no handler thread idles on a keep-alive socket, so a
-  graceful stop can join them all (SIGTERM: stop accepting, finish in-flight requests, exit 0).
+  (habit.engine); jobs that wait together share one batched `generate` call.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import dataclasses
 import hmac
 import json
 import signal
 import socket
-import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
-from urllib.parse import urlsplit
+from typing import AsyncIterator, Callable, Sequence
 
-from habit import generation
+import uvicorn
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from habit import constrain, generation
 from habit.data import Message
-from habit.engine import BATCH, ApiError, Done, Engine, Job, Served, load
+from habit.engine import BATCH, QUEUE, ApiError, Done, Engine, Job, Served, Token, load
 from habit.errors import HabitError
 from habit.render import Template
+from habit.serve_api import ChatRequest, CompletionRequest, validate
 from habit.settings import GenerationSettings
 
+TOP_LOGPROBS = 5  # most alternatives listed per token (OpenAI's completions limit)
 MAX_BODY = 1 << 20  # bytes; larger bodies get 413
 DEFAULT_MAX_TOKENS = 256  # when neither the request nor --max-tokens-cap says
 RAW = Template("text", None, None)  # /v1/completions: the tokenizer's usual specials, no template
-UNSUPPORTED = ("echo", "suffix", "logprobs", "tools", "functions", "best_of")
 PAGE = Path(__file__).with_name("page.html")
 
 
 # ---------------------------------------------------------------- requests and responses
-
-
-def _get(body: dict, name: str, kinds: tuple, default=None, required: bool = False):
-    value = body.get(name)
-    if value is None:
-        if required:
-            raise ApiError(400, f"'{name}' is required", name, "missing_required_parameter")
-        return default
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
-                 list: "an array", dict: "an object"}
-        what = " or ".join(names[k] for k in kinds if not (k is int and float in kinds))
-        raise ApiError(400, f"'{name}' must be {what}", name, "invalid_type")
-    return value
 
 
 @dataclass(frozen=True)
@@ -83,67 +77,93 @@ class Request:
     stream: bool
     usage_in_stream: bool
     stops: tuple[str, ...]
+    logprobs: int | None = None  # None: none; k: each token's logprob and the k likeliest
+    echo: bool = False
+    generate: bool = True  # False: max_tokens 0
+    grammar: str | None = None  # response_format, as an llguidance grammar
+
+    def jobs(self) -> list[Job]:
+        return [Job(self.model, p, self.template, self.settings, self.seed, self.stream, self.stops,
+                    self.logprobs, self.echo, self.generate, self.grammar) for p in self.prompts]
 
 
 def parse(body: dict, chat: bool, engine: Engine, cap: int | None) -> Request:
     """Check a request body and render its prompt(s); every problem is an ApiError(400/404)."""
-    name = _get(body, "model", (str,), required=True)
-    if name not in engine.served:
-        raise ApiError(404, f"model '{name}' is not served here (see /v1/models)", "model",
+    r = validate(ChatRequest if chat else CompletionRequest, body)
+    if r.model not in engine.served:
+        raise ApiError(404, f"model '{r.model}' is not served here (see /v1/models)", "model",
                        "model_not_found")
-    for key in UNSUPPORTED:
-        if body.get(key):
-            raise ApiError(400, f"'{key}' is not supported by habit serve", key, "unsupported_parameter")
-    if _get(body, "n", (int,), 1) != 1:
-        raise ApiError(400, "only n=1 is supported", "n", "unsupported_parameter")
-    max_tokens = _get(body, "max_tokens", (int,))
-    if max_tokens is None:
-        max_tokens = _get(body, "max_completion_tokens", (int,), cap or DEFAULT_MAX_TOKENS)
+    max_tokens = r.max_tokens if r.max_tokens is not None else r.max_completion_tokens
+    max_tokens = (cap or DEFAULT_MAX_TOKENS) if max_tokens is None else max_tokens
     if cap and max_tokens > cap:
         raise ApiError(400, f"max_tokens {max_tokens} is over this server's cap of {cap}",
                        "max_tokens", "max_tokens_over_cap")
+    if max_tokens < 0 or (max_tokens == 0 and (chat or not r.echo)):
+        raise ApiError(400, "max_tokens must be at least 1 (0 only with echo, to score a prompt)",
+                       "max_tokens", "invalid_value")
     try:
-        settings = GenerationSettings(max_tokens, float(_get(body, "temperature", (int, float), 0)),
-                                      float(_get(body, "top_p", (int, float), 1.0)),
+        settings = GenerationSettings(max(max_tokens, 1), float(r.temperature if r.temperature is not None else 0),
+                                      float(r.top_p if r.top_p is not None else 1.0),
                                       # not OpenAI's, but vLLM and llama.cpp servers take it too
-                                      float(_get(body, "repetition_penalty", (int, float),
-                                                 GenerationSettings.repetition_penalty)))
+                                      float(r.repetition_penalty or 1.0))
     except HabitError as e:  # the settings' own checks, in the request's words
         message = str(e).replace("--max-new-tokens", "max_tokens").replace("--top-p", "top_p")
         raise ApiError(400, message.replace("--", ""), code="invalid_value") from None
-    stops = _get(body, "stop", (str, list), [])
-    stops = [stops] if isinstance(stops, str) else stops
-    if len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+    stops = [r.stop] if isinstance(r.stop, str) else (r.stop or [])
+    if len(stops) > 4 or not all(stops):
         raise ApiError(400, "'stop' must be a string or up to 4 non-empty strings", "stop", "invalid_type")
-    options = _get(body, "stream_options", (dict,), {})
-    model = engine.served[name]
+    model = engine.served[r.model]
     if chat:
-        template = _template(body, model, engine)
-        prompts = [_chat_prompt(body, template, engine.run.tokenizer)]
+        template = _template(r.render_as, model, engine)
+        prompts = [_chat_prompt(r.messages, r.fields or {}, template, engine.run.tokenizer)]
     else:
         template = RAW
-        prompt = _get(body, "prompt", (str, list), required=True)
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not prompts or len(prompts) > BATCH or not all(isinstance(p, str) for p in prompts):
-            raise ApiError(400, f"'prompt' must be a string or 1 to {BATCH} strings", "prompt", "invalid_type")
-    stream = _get(body, "stream", (bool,), False)
-    if stream and len(prompts) > 1:
+        # a string, strings, token ids, or lists of token ids
+        one = isinstance(r.prompt, str) or (r.prompt and isinstance(r.prompt[0], int))
+        prompts = [r.prompt] if one else r.prompt
+        if not prompts or len(prompts) > BATCH:
+            raise ApiError(400, f"'prompt' must be a string, token ids, or 1 to {BATCH} of either",
+                           "prompt", "invalid_type")
+    logprobs = _logprobs(r, chat)
+    if r.stream and (logprobs is not None or (not chat and r.echo)):
+        raise ApiError(400, "logprobs and echo are not supported with stream", "stream",
+                       "unsupported_parameter")
+    if r.stream and len(prompts) > 1:
         raise ApiError(400, "streaming takes one prompt", "prompt", "invalid_value")
-    return Request(chat, model, prompts, template, settings, _get(body, "seed", (int,)), stream,
-                   bool(options.get("include_usage")), tuple(stops))
+    include_usage = bool(r.stream_options and r.stream_options.include_usage)
+    return Request(chat, model, prompts, template, settings, r.seed, bool(r.stream), include_usage,
+                   tuple(stops), logprobs, bool(not chat and r.echo), max_tokens > 0,
+                   _grammar(r.response_format))
 
 
-def _template(body: dict, model: Served, engine: Engine) -> Template:
+def _grammar(response_format: dict | None) -> str | None:
+    try:
+        return constrain.grammar(response_format)
+    except ValueError as e:
+        raise ApiError(400, str(e), "response_format", "invalid_value") from None
+
+
+def _logprobs(r, chat: bool) -> int | None:
+    """How many likeliest tokens to list per position (0: only the chosen one's logprob), or None."""
+    k = (r.top_logprobs or 0) if chat and r.logprobs else (None if chat else r.logprobs)
+    if chat and r.top_logprobs and not r.logprobs:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
+    if k is not None and not 0 <= k <= TOP_LOGPROBS:
+        name = "top_logprobs" if chat else "logprobs"
+        raise ApiError(400, f"'{name}' must be between 0 and {TOP_LOGPROBS}", name, "invalid_value")
+    return k
+
+
+def _template(render_as: str | None, model: Served, engine: Engine) -> Template:
     if model.adapter is not None:
         return model.template
-    other = engine.served.get(_get(body, "render_as", (str,), engine.first.name))
+    other = engine.served.get(render_as or engine.first.name)
     if other is None or other.adapter is None:
         raise ApiError(400, "'render_as' must name a served run", "render_as", "invalid_value")
     return other.template
 
 
-def _chat_prompt(body: dict, template: Template, tokenizer) -> str:
-    raw = _get(body, "messages", (list,), required=True)
+def _chat_prompt(raw: list, fields: dict, template: Template, tokenizer) -> str:
     messages = []
     for i, m in enumerate(raw):
         content = m.get("content") if isinstance(m, dict) else None
@@ -159,9 +179,6 @@ def _chat_prompt(body: dict, template: Template, tokenizer) -> str:
         messages.append(Message(role, content))
     if not messages:
         raise ApiError(400, "'messages' must not be empty", "messages", "invalid_value")
-    fields = _get(body, "fields", (dict,), {})
-    if not all(isinstance(v, str) for v in fields.values()):
-        raise ApiError(400, "'fields' must map field names to strings", "fields", "invalid_type")
     try:
         if template.kind == "chat" and (not fields or template.prompt is None):
             return generation.build_prompt(template, tokenizer, messages=messages)
@@ -172,36 +189,6 @@ def _chat_prompt(body: dict, template: Template, tokenizer) -> str:
     except HabitError as e:
         raise ApiError(400, str(e).replace("--field NAME=VALUE", '"fields": {NAME: VALUE}'),
                        "fields", "invalid_value") from None
-
-
-def _cut(text: str, stops: Sequence[str]) -> int | None:
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
-
-
-def _until_stop(job: Job, stops: Sequence[str]) -> Iterator[str | Done]:
-    """A streamed job's text pieces up to the first stop string, then its Done (none when a stop
-    string ended it). A tail that could begin a stop string is held back until it cannot."""
-    text, sent, hold = "", 0, max(map(len, stops), default=1) - 1
-    for item in job.items():
-        if isinstance(item, Done):
-            if sent < len(text):
-                yield text[sent:]
-            yield item
-            return
-        text += item
-        cut = _cut(text, stops)
-        end = len(text) - hold if cut is None else cut
-        if end > sent:
-            yield text[sent:end]
-            sent = end
-        if cut is not None:
-            return
-
-
-def _apply_stops(done: Done, stops: Sequence[str]) -> Done:
-    cut = _cut(done.text, stops)
-    return done if cut is None else dataclasses.replace(done, text=done.text[:cut], finish_reason="stop")
 
 
 def _usage(results: Sequence[Done]) -> dict:
@@ -219,154 +206,172 @@ def _choice(req: Request, i: int, text: str | None, finish: str | None, delta: b
             "finish_reason": finish}
 
 
+def _answer(req: Request, i: int, done: Done) -> dict:
+    """A whole (not streamed) choice, with echo and logprobs where asked."""
+    if req.chat:
+        choice = _choice(req, i, done.text, done.finish_reason, False)
+        if done.tokens is not None:
+            choice["logprobs"] = {"content": [_chat_token(t) | {"top_logprobs": [
+                _chat_token(Token(text, lp)) for text, lp in t.top]} for t in done.tokens]}
+        return choice
+    choice = _choice(req, i, done.prompt_text + done.text, done.finish_reason, False)
+    if done.tokens is not None:
+        tokens = (done.prompt or []) + done.tokens
+        offsets, at = [], 0
+        for t in tokens:
+            offsets.append(at)
+            at += len(t.text)
+        choice["logprobs"] = {"tokens": [t.text for t in tokens],
+                              "token_logprobs": [t.logprob for t in tokens],
+                              # tokens that decode alike (partial characters) share a key: the likeliest wins
+                              "top_logprobs": [None if t.logprob is None else dict(reversed(t.top))
+                                               for t in tokens],
+                              "text_offset": offsets}
+    return choice
+
+
+def _chat_token(t: Token) -> dict:
+    return {"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode())}
+
+
+def _event(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
 # ---------------------------------------------------------------- HTTP
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.0"
-    server_version = "habit"
-    timeout = 120  # seconds a client may take to send its request
-    server: "Server"
+def _error_response(e: ApiError) -> JSONResponse:
+    headers = {**e.headers, **({"WWW-Authenticate": "Bearer"} if e.status == 401 else {})}
+    return JSONResponse(e.body(), e.status, headers=headers)
 
-    def do_GET(self) -> None:
-        self._route("GET")
 
-    def do_POST(self) -> None:
-        self._route("POST")
+async def _read_json(request) -> dict:
+    """The body as a JSON object; over MAX_BODY is 413, after reading (and dropping) a moderately
+    large body: closing on unread data resets the connection and the client may never see it."""
+    data, size = bytearray(), 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= MAX_BODY:
+            data += chunk
+        elif size > 16 * MAX_BODY:
+            break
+    if size > MAX_BODY:
+        raise ApiError(413, f"request body over {MAX_BODY} bytes", code="request_too_large")
+    try:
+        body = json.loads(bytes(data))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"request body is not valid JSON ({e})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    return body
 
-    def do_OTHER(self) -> None:  # PUT, DELETE, ...: every path answers 404 or 405
-        self._route(self.command)
 
-    do_PUT = do_DELETE = do_PATCH = do_OTHER
+def build_app(server: "Server"):
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    engine = server.engine
 
-    def _route(self, method: str) -> None:
-        routes = {"/": ("GET", self._page), "/health": ("GET", self._health),
-                  "/v1/models": ("GET", self._models),
-                  "/v1/chat/completions": ("POST", lambda: self._complete(True)),
-                  "/v1/completions": ("POST", lambda: self._complete(False))}
-        path = urlsplit(self.path).path.rstrip("/") or "/"
-        self.streaming = False
-        try:
-            if path not in routes:
-                raise ApiError(404, f"no such endpoint: {path}", code="not_found")
-            if method != routes[path][0]:
-                raise ApiError(405, f"{path} takes {routes[path][0]}, not {method}",
-                               code="method_not_allowed")
-            self.body = self._read_body() if method == "POST" else b""
-            if path.startswith("/v1/") and self.server.api_key is not None:
-                given = self.headers.get("Authorization", "").encode()
-                if not hmac.compare_digest(given, f"Bearer {self.server.api_key}".encode()):
-                    raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
-                                   code="invalid_api_key")
-            routes[path][1]()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client left; its generation (if any) finishes unread
-        except ApiError as e:
-            self._error(e)
-        except Exception as e:
-            self.log_error("internal error on %s: %r", path, e)
-            self._error(ApiError(500, f"internal error: {e}", kind="server_error"))
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return _error_response(e)
 
-    def _read_body(self) -> bytes:
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            raise ApiError(411, "a Content-Length header is required", code="length_required") from None
-        if length > MAX_BODY:
-            # read (and drop) a moderately large body first: closing on unread data resets the
-            # connection and the client may never see this answer
-            while 0 < length <= 16 * MAX_BODY:
-                chunk = self.rfile.read(min(length, 1 << 16))
-                length = length - len(chunk) if chunk else 0
-            raise ApiError(413, f"request body over {MAX_BODY} bytes", code="request_too_large")
-        return self.rfile.read(length)
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):  # routing: unknown path, wrong method
+        path = request.url.path
+        if e.status_code == 405:
+            allowed = (e.headers or {}).get("Allow", "another method")
+            return _error_response(ApiError(405, f"{path} takes {allowed}, not {request.method}",
+                                            code="method_not_allowed"))
+        if e.status_code == 404:
+            return _error_response(ApiError(404, f"no such endpoint: {path}", code="not_found"))
+        return _error_response(ApiError(e.status_code, str(e.detail), code="http_error"))
 
-    def _json(self) -> dict:
-        try:
-            body = json.loads(self.body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"request body is not valid JSON ({e})", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "request body must be a JSON object", code="invalid_json")
-        return body
+    @app.exception_handler(Exception)
+    async def internal(request, e: Exception):
+        return _error_response(ApiError(500, f"internal error: {e}", kind="server_error"))
 
-    def _send(self, status: int, data: bytes, kind: str, extra: dict | None = None) -> None:
-        self.send_response(status)
-        for key, value in {"Content-Type": kind, "Content-Length": str(len(data)), **(extra or {})}.items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(data)
+    def authorize(request) -> None:
+        if server.api_key is not None:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, f"Bearer {server.api_key}".encode()):
+                raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                               code="invalid_api_key")
 
-    def _send_json(self, status: int, obj, extra: dict | None = None) -> None:
-        self._send(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json", extra)
+    @app.get("/")
+    async def page():
+        return HTMLResponse(server.page)
 
-    def _error(self, e: ApiError) -> None:
-        with contextlib.suppress(OSError):
-            if self.streaming:  # headers are out: the error travels as an event
-                self._event(e.body())
-                self.wfile.write(b"data: [DONE]\n\n")
-            else:
-                self._send_json(e.status, e.body(), {"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": server.model_ids, "waiting": engine.waiting,
+                "cancelled": engine.cancelled}
 
-    def _page(self) -> None:
-        self._send(200, self.server.page, "text/html; charset=utf-8")
-
-    def _health(self) -> None:
-        self._send_json(200, {"status": "ok", "models": self.server.model_ids})
-
-    def _models(self) -> None:
+    @app.get("/v1/models")
+    async def models(request: HttpRequest):
+        authorize(request)
         data = []
-        for s in self.server.engine.served.values():
-            template = s.template if s.adapter else self.server.engine.first.template
-            data.append({"id": s.name, "object": "model", "created": self.server.started,
+        for s in engine.served.values():
+            template = s.template if s.adapter else engine.first.template
+            data.append({"id": s.name, "object": "model", "created": server.started,
                          "owned_by": "habit", "path": s.path, "template": template.kind,
                          "input_fields": template.input_fields()})
-        self._send_json(200, {"object": "list", "data": data})
+        return {"object": "list", "data": data}
 
-    def _complete(self, chat: bool) -> None:
-        req = parse(self._json(), chat, self.server.engine, self.server.max_tokens_cap)
-        jobs = [self.server.engine.submit(Job(req.model, p, req.template, req.settings, req.seed,
-                                              req.stream)) for p in req.prompts]
+    async def complete(request: HttpRequest, chat: bool):
+        authorize(request)
+        req = parse(await _read_json(request), chat, engine, server.max_tokens_cap)
+        jobs = engine.submit(req.jobs())
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                 "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": req.model.name}
-        if not req.stream:
-            results = [_apply_stops(job.result(), req.stops) for job in jobs]
-            choices = [_choice(req, i, r.text, r.finish_reason, False) for i, r in enumerate(results)]
-            self._send_json(200, {**head, "choices": choices, "usage": _usage(results)})
-            return
+        try:
+            if not req.stream:
+                results = [await job.result() for job in jobs]
+                choices = [_answer(req, i, r) for i, r in enumerate(results)]
+                return JSONResponse({**head, "choices": choices, "usage": _usage(results)})
+            items = jobs[0].items()
+            first = await anext(items)  # a refused prompt is still an HTTP error, not an event
+        except BaseException:
+            for job in jobs:
+                job.cancel()
+            raise
         head["object"] += ".chunk" if chat else ""
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.end_headers()
-        self.streaming = True
-        if chat:  # OpenAI's first chunk carries the role
-            self._event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                              "logprobs": None, "finish_reason": None}]})
-        done = None
-        for item in _until_stop(jobs[0], req.stops):
-            if isinstance(item, str):
-                self._event({**head, "choices": [_choice(req, 0, item, None, True)]})
-            else:
-                done = item
-        self._event({**head, "choices": [_choice(req, 0, None, done.finish_reason if done else "stop",
-                                                 True)]})
+        return StreamingResponse(_events(req, jobs[0], first, items, head),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HttpRequest):
+        return await complete(request, True)
+
+    @app.post("/v1/completions")
+    async def completions(request: HttpRequest):
+        return await complete(request, False)
+
+    return app
+
+
+async def _events(req: Request, job: Job, first, items: AsyncIterator, head: dict) -> AsyncIterator[bytes]:
+    try:
+        if req.chat:  # OpenAI's first chunk carries the role
+            yield _event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                               "logprobs": None, "finish_reason": None}]})
+        item = first
+        while not isinstance(item, Done):
+            yield _event({**head, "choices": [_choice(req, 0, item, None, True)]})
+            item = await anext(items)
+        yield _event({**head, "choices": [_choice(req, 0, None, item.finish_reason, True)]})
         if req.usage_in_stream:
-            done = done or jobs[0].result()  # ended by a stop string: wait for the token count
-            self._event({**head, "choices": [], "usage": _usage([done])})
-        self.wfile.write(b"data: [DONE]\n\n")
+            yield _event({**head, "choices": [], "usage": _usage([item])})
+    except ApiError as e:  # headers are out: the error travels as an event
+        yield _event(e.body())
+    finally:
+        job.cancel()  # the client left (or the job is done and this does nothing)
+    yield b"data: [DONE]\n\n"
 
-    def _event(self, obj: dict) -> None:
-        self.wfile.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
-        self.wfile.flush()
 
-
-class Server(ThreadingHTTPServer):
-    """The HTTP server; `serve_forever()` in any thread, `stop()` from anywhere, then `close()`."""
-
-    daemon_threads = False  # server_close() joins the handler threads: in-flight requests finish
-    block_on_close = True
+class Server:
+    """uvicorn serving the app on a socket bound at construction: `serve_forever()` in any
+    thread, `stop()` from anywhere (a signal handler too), then `close()`."""
 
     def __init__(self, engine: Engine, host: str, port: int, api_key: str | None = None,
                  max_tokens_cap: int | None = None):
@@ -374,32 +379,51 @@ class Server(ThreadingHTTPServer):
         self.model_ids = list(engine.served)
         self.started = int(time.time())
         self.page = PAGE.read_text(encoding="utf-8").replace(
-            "__NEEDS_KEY__", "true" if api_key else "false").encode()
-        if ":" in host:
-            self.address_family = socket.AF_INET6
-        super().__init__((host, port), Handler)
+            "__NEEDS_KEY__", "true" if api_key else "false")
+        self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind((host, port))
+            self.socket.listen(1024)
+        except OSError:
+            self.socket.close()
+            raise
+        self.server_address = self.socket.getsockname()
+        config = uvicorn.Config(build_app(self), log_config=None, access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=None)
+        self.uvicorn = _Uvicorn(config)
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
+    def serve_forever(self) -> None:
+        self.uvicorn.run(sockets=[self.socket])
+
     def stop(self) -> None:
-        """Stop accepting; safe from a signal handler (shutdown() itself waits for the loop)."""
-        threading.Thread(target=self.shutdown, daemon=True).start()
+        """Stop accepting and end once the requests in flight are answered."""
+        if self.uvicorn.should_exit:
+            self.uvicorn.force_exit = True
+        self.uvicorn.should_exit = True
 
     def close(self) -> None:
-        self.server_close()  # closes the socket, then waits for in-flight requests
+        self.socket.close()
         self.engine.close()
 
-    def handle_error(self, request, client_address) -> None:
-        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError, TimeoutError)):
-            super().handle_error(request, client_address)
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn.Server without its own signal handling: serve() installs ours, and uvicorn's would
+    re-raise SIGTERM after the graceful stop, so the process would not exit 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
 
 
 def make_server(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
                 api_key: str | None = None, max_tokens_cap: int | None = None,
-                device: str | None = None) -> Server:
+                device: str | None = None, max_queue: int = QUEUE) -> Server:
     """Load the runs and bind host:port (port 0: a free one); serve with `.serve_forever()`."""
     if not 0 <= port <= 65535:
         raise HabitError(f"--port {port}: must be between 0 and 65535")
@@ -407,7 +431,9 @@ def make_server(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int =
         raise HabitError("--max-tokens-cap must be at least 1")
     if api_key is not None and not api_key.strip():
         raise HabitError("--api-key must not be empty")
-    engine = load(runs, device)
+    if max_queue < 1:
+        raise HabitError("--max-queue must be at least 1")
+    engine = load(runs, device, max_queue)
     try:
         return Server(engine, host, port, api_key, max_tokens_cap)
     except OSError as e:
@@ -418,10 +444,10 @@ def make_server(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int =
 
 def serve(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_tokens_cap: int | None = None,
-          ready: Callable[[Server], None] | None = None) -> None:
+          ready: Callable[[Server], None] | None = None, max_queue: int = QUEUE) -> None:
     """Serve runs until SIGTERM / Ctrl-C; in-flight requests finish first. `ready(server)` is
     called once the port is bound and the models are loaded."""
-    server = make_server(runs, host, port, api_key, max_tokens_cap)
+    server = make_server(runs, host, port, api_key, max_tokens_cap, max_queue=max_queue)
     previous = {}
 
     def restore(*_) -> None:

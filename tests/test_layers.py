@@ -14,8 +14,8 @@ LAYERS = [
     {"data", "models", "memory"},
     {"render"},
     {"adapters", "fastpath"},
-    {"training", "generation"},
-    {"evaluate", "report", "export", "engine", "serve", "bench", "bench_workers"},
+    {"training", "generation", "constrain"},
+    {"evaluate", "report", "export", "engine", "serve", "serve_api", "bench", "bench_workers"},
     {"cli"},
     {"__init__", "__main__"},
 ]
