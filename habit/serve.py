@@ -30,7 +30,6 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import json
