@@ -505,8 +505,9 @@ def test_server_in_a_thread(runs):
         status, html, _ = request(server.server_address[1], "GET", "/")
         assert "const NEEDS_KEY = false;" in html
     finally:
-        server.stop()
+        server.shutdown()  # returns once serve_forever has
         thread.join(timeout=10)
+        assert not thread.is_alive()
         server.close()
 
 
