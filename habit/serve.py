@@ -30,7 +30,6 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import json
@@ -392,6 +391,7 @@ class Server:
         config = uvicorn.Config(build_app(self), log_config=None, access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=None)
         self.uvicorn = _Uvicorn(config)
+        self.finished = threading.Event()  # set when serve_forever has returned
 
     @property
     def url(self) -> str:
@@ -399,7 +399,10 @@ class Server:
         return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
     def serve_forever(self) -> None:
-        self.uvicorn.run(sockets=[self.socket])
+        try:
+            self.uvicorn.run(sockets=[self.socket])
+        finally:
+            self.finished.set()
 
     def stop(self) -> None:
         """Stop accepting and end once the requests in flight are answered."""
@@ -407,9 +410,16 @@ class Server:
             self.uvicorn.force_exit = True
         self.uvicorn.should_exit = True
 
+    def shutdown(self) -> None:
+        """stop() and wait for serve_forever to return (http.server's name, kept for callers)."""
+        self.stop()
+        self.finished.wait()
+
     def close(self) -> None:
         self.socket.close()
         self.engine.close()
+
+    server_close = close  # http.server's name, kept for callers
 
 
 class _Uvicorn(uvicorn.Server):
