@@ -28,12 +28,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Sequence
 
 from habit import archs, models, rundir
-from habit.data import Message
+from habit.ollama import modelfile
 from habit.errors import HabitError
-from habit.render import Template, prompt_text
+from habit.render import Template
 
 MERGE_FILE = "habit-merge.json"
 # --dtype → (GGML quantization type or None for f16, llama.cpp file type). Q4_K_M (what Ollama
@@ -388,41 +387,3 @@ def _write_tensors(writer, arch, model, dtype: str) -> None:
             writer.add_tensor(target, gguf.quants.quantize(array, quant), raw_dtype=quant)
         else:  # f16, and the quantized types' fallback for rows that do not split into blocks
             writer.add_tensor(target, array.astype(np.float16))
-
-
-# ---------------------------------------------------------------- Ollama
-
-
-_MARKER = "\x00habit-prompt\x00"
-
-
-def modelfile(template: Template, tokenizer, gguf_name: str, stop: Sequence[int] | None = None) -> str:
-    """An Ollama Modelfile whose TEMPLATE renders `{{ .Prompt }}` exactly as the run's prompts.
-
-    The template comes from rendering the run's own prompt with a marker as the input and cutting
-    at the marker, so it carries whatever the chat template adds (SmolLM2's default system turn).
-    """
-    fields = template.input_fields()
-    if len(fields) == 1:
-        text = prompt_text(template, tokenizer, {fields[0]: _MARKER})
-    elif template.kind == "chat":  # chat data, or several fields: the user message is the prompt
-        text = prompt_text(template, tokenizer, messages=[Message("user", _MARKER)])
-    else:
-        raise HabitError(f"--ollama: Ollama's one {{{{ .Prompt }}}} can stand for one input field; "
-                         f"this run's template has {len(fields)} ({', '.join(fields)})")
-    if text.count(_MARKER) != 1:
-        raise HabitError("--ollama: the run's template does not place the input exactly once")
-    before, after = text.split(_MARKER)
-    go = _go_literal(before) + "{{ .Prompt }}" + _go_literal(after)
-    if '"""' in go:
-        raise HabitError('--ollama: the prompt template contains """, which a Modelfile cannot quote')
-    stop_ids = models.stop_ids(tokenizer) if stop is None else stop
-    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{go}"""']
-    lines += [f"PARAMETER stop {json.dumps(t)}" for t in tokenizer.convert_ids_to_tokens(list(stop_ids))]
-    lines.append("PARAMETER temperature 0")  # greedy, as habit generates by default
-    return "\n".join(lines) + "\n"
-
-
-def _go_literal(text: str) -> str:
-    # Only "{{" opens an action in Go's text/template; print it through a string constant.
-    return text.replace("{{", '{{ "{{" }}')

@@ -264,10 +264,76 @@ def test_real_model_through_llama_cpp_and_its_modelfile(roles_csv, tmp_path, lla
 # ---------------------------------------------------------------- Ollama
 
 
+def go_render(template: str, prompt: str | None = None, system: str | None = None,
+              messages: list[tuple[str, str]] = ()) -> str:
+    """Ollama's Go text/template, for the subset habit writes: `{{ if .System }}` / `{{ else }}` /
+    `{{ end }}`, `{{ range .Messages }}`, `{{ if eq .Role "user" }}` / `{{ else if eq .Role "..." }}`,
+    `{{ .Prompt }}`, `{{ .System }}`, `{{ .Content }}` and `{{ "{{" }}`. Written here from Go's
+    rules, independently of habit/ollama.py, so a wrong TEMPLATE cannot check itself."""
+    parts = re.split(r"(\{\{.*?\}\})", template)
+    pos = 0
+
+    def block(scope: dict, until=("end",)) -> tuple[str, str]:
+        nonlocal pos
+        out = []
+        while pos < len(parts):
+            part = parts[pos]
+            pos += 1
+            if not part.startswith("{{"):
+                out.append(part)
+                continue
+            action = part[2:-2].strip()
+            if action in until or action.startswith("else"):
+                return "".join(out), action
+            if action == '"{{"':
+                out.append("{{")
+            elif action in (".Prompt", ".System", ".Content"):
+                out.append(scope[action[1:]] or "")
+            elif action.startswith("if "):
+                out.append(branch(scope, action[3:]))
+            elif action == "range .Messages":
+                start = pos
+                for role, content in scope["Messages"]:
+                    pos = start
+                    text, _ = block(scope | {"Role": role, "Content": content})
+                    out.append(text)
+                if not scope["Messages"]:
+                    block(scope)
+            else:
+                raise AssertionError(f"unknown action {part}")
+        return "".join(out), "eof"
+
+    def branch(scope: dict, cond: str) -> str:
+        taken = None
+        while True:
+            text, stop = block(scope)
+            if taken is None and truth(scope, cond):
+                taken = text
+            if stop == "end":
+                return taken or ""
+            cond = stop[len("else"):].strip().removeprefix("if ").strip() or "true"
+
+    def truth(scope: dict, cond: str) -> bool:
+        if cond == "true":
+            return True
+        if cond.startswith("eq .Role "):
+            return scope["Role"] == json.loads(cond[len("eq .Role "):])
+        return bool(scope[cond.lstrip(".")])
+
+    return block({"Prompt": prompt, "System": system, "Messages": list(messages)})[0]
+
+
+def modelfile_template(text: str) -> str:
+    return re.search(r'^TEMPLATE """(.*?)"""$', text, re.S | re.M).group(1)
+
+
 def fill(text: str, value: str) -> str:
-    """What Ollama's Go template renders for a Modelfile's TEMPLATE with `.Prompt` = value."""
-    template = re.search(r'^TEMPLATE """(.*?)"""$', text, re.S | re.M).group(1)
-    return template.replace("{{ .Prompt }}", value).replace('{{ "{{" }}', "{{")
+    """What Ollama renders for one user input: `.Prompt` for a single-prompt TEMPLATE, else one
+    user message in `.Messages` with no system prompt."""
+    template = modelfile_template(text)
+    if "{{ range .Messages }}" in template:
+        return go_render(template, messages=[("user", value)])
+    return go_render(template, prompt=value)
 
 
 @pytest.fixture(scope="module")
@@ -299,8 +365,26 @@ def test_modelfile_keeps_the_default_system_turn(tokenizer):
     tokenizer.chat_template = CHATML_WITH_SYSTEM
     template = Template("chat", "{act}", "prompt")
     text = modelfile(template, tokenizer, "tuned.gguf")
-    assert "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{{ .Prompt }}" in text
     assert fill(text, "Poet") == prompt_text(template, tokenizer, {"act": "Poet"})
+
+
+def test_modelfile_renders_a_system_prompt_and_history_as_the_chat_template(tokenizer):
+    """A chat run's TEMPLATE over .System and .Messages gives, for a two-turn conversation with and
+    without a system prompt, exactly the text the model's chat template gives; the end-of-turn
+    token is a stop parameter."""
+    tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    tokenizer.chat_template = CHATML_WITH_SYSTEM
+    text = modelfile(Template("chat", None, None), tokenizer, "tuned.gguf")
+    template = modelfile_template(text)
+    assert "{{ range .Messages }}" in template and "{{ .System }}" in template
+    assert 'PARAMETER stop "<|im_end|>"' in text
+    turns = [("user", "Linux Terminal"), ("assistant", "I want you to act as a terminal."),
+             ("user", "ls {{ -la }}")]  # a "{{" in content is data, not an action
+    for system in (None, "You are terse."):
+        chat = ([{"role": "system", "content": system}] if system else []) + \
+               [{"role": r, "content": c} for r, c in turns]
+        want = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        assert go_render(template, system=system, messages=turns) == want, system
 
 
 def test_modelfile_needs_one_field_for_a_text_template(tokenizer):

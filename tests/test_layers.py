@@ -15,7 +15,7 @@ LAYERS = [
     {"render"},
     {"adapters", "fastpath"},
     {"training", "generation", "constrain"},
-    {"evaluate", "report", "export", "engine", "serve", "serve_api", "bench", "bench_workers"},
+    {"evaluate", "report", "export", "ollama", "engine", "serve", "serve_api", "bench", "bench_workers"},
     {"cli"},
     {"__init__", "__main__"},
 ]
