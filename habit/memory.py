@@ -34,6 +34,7 @@ HEAD_ROWS = 256  # rows of logits alive at once in the chunked head loss (fastpa
 MERGED_KEEP_MAX = 1 << 30  # fastpath.MERGED_KEEP_MAX: merged weights kept through a step below it
 RUNTIME = 0.55 * GB  # Python, torch, transformers and the tokenizer, before any weights
 NF4_BLOCK = 64
+NF4_LAYERS_IN_FLIGHT = 3  # nf4: 1B-shape peak was 0.35 GB over the estimate without this term
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,8 @@ def estimate(s: Shape, settings: TrainSettings, dtype_bytes: int, checkpointing:
     head = max(HEAD_ROWS * s.vocab * 4 * 3, plain) + tokens * s.hidden * 4 * 2
     merged = s.adapted * dtype_bytes if s.adapted * dtype_bytes <= MERGED_KEEP_MAX else 0
     transient = RUNTIME + merged + 2 * s.largest_linear * dtype_bytes
+    if settings.quantize == "nf4":  # dequantized weights in flight (measured: ~3 layers' worth)
+        transient += NF4_LAYERS_IN_FLIGHT * s.linear / s.layers * dtype_bytes
     return Estimate(weights, adapter, activations, head, transient, checkpointing)
 
 
