@@ -667,6 +667,12 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*requires_grad=True to a scalar.*")
+    import logging
+
+    # bitsandbytes (imported by peft whenever it is installed) warns on every start that it cannot
+    # fetch an optional CPU kernel from the hub; habit's nf4 runs without it, and the line would
+    # precede every command's output and its one-line errors
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":
