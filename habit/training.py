@@ -293,7 +293,6 @@ def train(table: Table, out: str | os.PathLike, model: str = DEFAULT_MODEL,
     """Train a LoRA adapter on `table` and write a run directory to `out`."""
     rundir.check_new(out, force)
     source = models.resolve(model)
-    models.check_arch(source)
     return _fit(table, Path(out), source, lora, settings, on_log, force=force)
 
 
@@ -384,13 +383,12 @@ class _StopFlag:
         return False
 
 
-def memory_plan(source: models.Source, lora: LoraSettings, settings: TrainSettings, dtype,
+def memory_plan(config, lora: LoraSettings, settings: TrainSettings, dtype,
                 device: str, say: bool = True) -> memory.Estimate:
     """The memory estimate for this run, said on stderr before any weights load; decides
     `--grad-checkpointing auto` and refuses (one line saying what would fit) when it cannot fit."""
     import torch
 
-    config = models.load_config(source)
     try:
         shape = memory.shape(config, lora)
     except Exception as e:  # a config transformers cannot build on the meta device: train unguarded
@@ -425,7 +423,10 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
     main = accelerator.is_main_process
     set_seed(settings.seed)
     dtype = models.best_dtype(settings.precision, device.type)
-    need = memory_plan(source, lora, settings, dtype, str(device), say=main)
+    # one config read: an architecture outside habit/archs.py stops here, before any weights load
+    # (a resumed run too), and the same config sizes the memory estimate
+    config = models.check_arch(source)
+    need = memory_plan(config, lora, settings, dtype, str(device), say=main)
     base, tokenizer = models.load_model(source, dtype=dtype, device=str(device),
                                         quantize=settings.quantize)
     template = choose_template(table, tokenizer)
