@@ -1,0 +1,405 @@
+"""Preference tuning — DPO, SimPO, ORPO, KTO — as a different loss inside habit's training loop.
+
+Why habit's loop and not TRL's DPOTrainer/KTOTrainer: TRL pads every chosen/rejected pair to a
+common length in its own collator and brings its own data order, checkpoints and device
+handling, so packing, the checked fast paths, resuming to the same batches, DDP's normalisation by
+a global count and the NaN stop would all be TRL's or missing. Here a preference step differs
+from an SFT step only in what a pass's loss is: a function (habit/losses.py) of each answer's
+summed log-probability, read from the same packed rows with the same per-example attention.
+
+- Rendering: each answer is an ordinary Example (prompt + that answer) put through the one render
+  function, so loss masks and EOS are SFT's. The log-probability of an answer is the sum over its
+  loss-carrying tokens (response + EOS).
+- Packing: a pair is a unit that never splits — its two answers sit in one row, so they land in
+  the same pass and the same optimizer step on the same process.
+- The reference: the policy before its first update — the `--from` run's adapter, frozen (what
+  TRL does for a trained PEFT model; disabling the adapter is the right reference only for a fresh
+  one), or the base with the adapter off. Its log-probs are computed once per answer before
+  training and kept in RUN/reference.pt, so a resumed run uses the very same numbers.
+- KTO's reference point z0 is the step's mean reward (policy − reference), measured without
+  gradients before the step's passes and summed over processes: exact on any process count, at
+  the cost of one forward a step (TRL's KL pass over mismatched answers costs as much).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from habit import fastpath, losses, render
+from habit.data import Preference, PreferenceTable
+from habit.errors import HabitError
+from habit.render import Template
+
+BETA = {"dpo": 0.1, "simpo": 2.0, "orpo": 0.1, "kto": 0.1}  # orpo: the weight λ of its odds term
+REFERENCE_FILE = "reference.pt"
+
+
+@dataclass(frozen=True)
+class Side:
+    """One rendered answer of a preference record: the fields of render.Encoded (packing and
+    training.tensors read only those), plus which record it belongs to and its role."""
+
+    ids: tuple[int, ...]
+    loss: tuple[bool, ...]
+    where: str
+    unit: int  # index of its record among the run's encoded records: its row in the reference cache
+    role: str  # "chosen" | "rejected" (pairs) | "desirable" | "undesirable" (KTO)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def column(self) -> int:  # where its reference log-prob sits: a pair's rejected answer in 1
+        return 1 if self.role == "rejected" else 0
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What must land in one pass: a pair's two answers, or one KTO answer."""
+
+    sides: tuple[Side, ...]
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.sides)
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def pair_template(table: PreferenceTable, tokenizer, like: Template | None = None) -> Template:
+    """How preference records render, decided once. Chat messages use the model's chat template.
+    A text prompt is the user's message when the model has a chat template, else the literal text
+    the model continues; `like` (the --from run's template) decides between the two, so pairs
+    written by `habit pairs` from that run's table render exactly as its SFT examples did."""
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    kind = like.kind if like is not None else ("chat" if has_chat else "text")
+    if kind == "chat" and not has_chat:
+        raise HabitError(f"{table.source}: chat preference data needs a model with a chat template")
+    if kind == "text":
+        chat = next((r for r in table.records if r.chosen.messages), None)
+        if chat is not None:
+            raise HabitError(f"{chat.where}: chat messages, but this run renders plain text prompts")
+        return Template("text", "{prompt}", "completion")
+    if not any(r.chosen.fields for r in table.records):  # all chat: as SFT renders chat data
+        return Template("chat", None, None)
+    return Template("chat", "{prompt}", "completion")
+
+
+def record_prompt(record: Preference, template: Template, tokenizer) -> str:
+    return render.example_prompt(record.chosen, template, tokenizer)
+
+
+def encode_units(records: Sequence[Preference], template: Template, tokenizer, stop: Sequence[int],
+                 max_len: int, train_on_prompt: bool = False, start: int = 0):
+    """(units, dropped): each record's answers rendered; a record with an answer longer than
+    max_len is dropped whole (as (where, length)). Units are numbered from `start`."""
+    units, dropped = [], []
+    for record in records:
+        if record.rejected is not None:
+            answers = [(record.chosen, "chosen"), (record.rejected, "rejected")]
+        else:
+            answers = [(record.chosen, "desirable" if record.label else "undesirable")]
+        encoded = [(render.encode(ex, template, tokenizer, stop, train_on_prompt), role) for ex, role in answers]
+        longest = max(len(e) for e, _ in encoded)
+        if longest > max_len:
+            dropped.append((record.where, longest))
+            continue
+        n = start + len(units)
+        units.append(Unit(tuple(Side(e.ids, e.loss, record.where, n, role) for e, role in encoded)))
+    return units, dropped
+
+
+def split_records(table: PreferenceTable, val_frac: float, seed: int,
+                  sft_split: tuple[set, set] | None = None, prompt_of=None):
+    """(train, val) records. By the hash of each prompt, as data.split does for SFT tables; with
+    `sft_split` (the rendered prompts of the --from run's training and validation examples), a
+    record whose prompt the SFT run held out stays held out and one it trained on stays in
+    training, so the held-out pairs are prompts neither run learned from."""
+    from habit.data import Table, split
+
+    records = table.records
+    if sft_split is not None:
+        trained, held = sft_split
+        prompts = [prompt_of(r) for r in records]
+        fresh = [r for r, p in zip(records, prompts) if p not in trained and p not in held]
+        in_val = {id(r) for r, p in zip(records, prompts) if p in held}
+    else:
+        fresh, in_val = list(records), set()
+    if fresh:
+        shadow = Table(table.source, table.shape, (), None, None, False,
+                       tuple(r.chosen for r in fresh), 0, table.sha256)
+        _, val = split(shadow, val_frac, seed)
+        picked = {id(e) for e in val}
+        in_val |= {id(r) for r in fresh if id(r.chosen) in picked}
+    return [r for r in records if id(r) not in in_val], [r for r in records if id(r) in in_val]
+
+
+# ---------------------------------------------------------------- planning
+
+
+def row_width(units: Sequence[Unit], max_len: int) -> int:
+    """Rows hold whole units: as wide as the longest one needs, rounded like SFT rows."""
+    from habit.training import ROW_ALIGN
+
+    longest = max(len(u) for u in units)
+    return -(-longest // ROW_ALIGN) * ROW_ALIGN
+
+
+def plan_units(units: Sequence[Unit], width: int, micro_tokens: int, seed: int, epoch: int,
+               shuffle: bool = True):
+    """training.plan_epoch over units: the same shuffle, first-fit packing and grouping, each
+    unit's answers kept next to each other in one row."""
+    from habit.training import Batch, pack
+
+    order = list(units)
+    if shuffle:
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    rows = [tuple(s for unit in row for s in unit.sides) for row in pack(order, width)]
+    per = max(1, micro_tokens // width)
+    return [Batch(tuple(rows[i : i + per]), width) for i in range(0, len(rows), per)]
+
+
+def units_in(batch) -> int:
+    """Records in a batch: what a preference step averages over (SFT averages over tokens)."""
+    return len({s.unit for row in batch.rows for s in row})
+
+
+# ---------------------------------------------------------------- log-probabilities
+
+
+def _head_function():
+    import torch
+
+    class HeadLogprobs(torch.autograd.Function):
+        """Per-token log-probs of the targets through fastpath's chunked head: the logits are
+        never all alive at once, and the gradient w.r.t. hidden is formed in the forward."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, targets, chunk):
+            grad = torch.empty_like(hidden)
+            nll = torch.empty(targets.numel(), dtype=torch.float32, device=hidden.device)
+            fastpath.head_loss_value(hidden, weight, targets, chunk, grad, per_token=nll)
+            ctx.save_for_backward(grad)
+            return -nll
+
+        @staticmethod
+        def backward(ctx, d_logp):
+            (grad,) = ctx.saved_tensors
+            return grad * -d_logp.to(grad.dtype)[:, None], None, None, None
+
+    return HeadLogprobs
+
+
+_HEAD_LOGPROBS = None
+
+
+@contextlib.contextmanager
+def head_logprobs(head, targets, chunk: int = fastpath.HEAD_CHUNK):
+    """While inside, the lm_head returns each target token's log-probability instead of logits."""
+    global _HEAD_LOGPROBS
+    import torch
+
+    if _HEAD_LOGPROBS is None:
+        _HEAD_LOGPROBS = _head_function()
+
+    def forward(hidden):
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        if torch.is_grad_enabled() and rows.requires_grad:
+            return _HEAD_LOGPROBS.apply(rows, head.weight, targets, chunk)
+        nll = torch.empty(targets.numel(), dtype=torch.float32, device=rows.device)
+        fastpath.head_loss_value(rows, head.weight, targets, chunk, per_token=nll)
+        return -nll
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+@contextlib.contextmanager
+def _paths(fast, targets):
+    with contextlib.ExitStack() as stack:
+        if fast is not None and fast.lora:
+            stack.enter_context(fastpath.merged_lora(fast.lora, fast.kept))
+        if fast is not None and fast.head is not None:
+            stack.enter_context(head_logprobs(fast.head, targets))
+        yield
+
+
+def sequence_logprobs(model, batch, pad_id: int, device, fast=None):
+    """(sides in batch order, summed log-prob of each side's targets, their counts) for a batch of
+    packed sides; the sums carry the graph. Same tensors, attention and fast paths as
+    training.batch_loss: only the head's output is per token instead of summed."""
+    import torch
+
+    from habit import training
+
+    packed = bool(fast and fast.attention)
+    prefix = fast.prefix if packed else 0
+    if packed:
+        batch = training.one_row(batch, prefix)
+    ids, pos, keep, targets, lengths = training.tensors(batch, pad_id, prefix)
+    extra = {"habit_packing": fastpath.Packing(lengths, batch.width, device, prefix)} if packed else {}
+    ids, pos, keep, targets = ids.to(device), pos.to(device), keep.to(device), targets.to(device)
+    sides = [s for row in batch.rows for s in row]
+    # training.tensors puts a side's targets at loss[prefix + 1:] (the prefix carries no loss)
+    counts = torch.tensor([sum(s.loss[prefix + 1 :]) for s in sides], device=device)
+    with _paths(fast, targets):
+        out = model(input_ids=ids, position_ids=pos, logits_to_keep=keep, use_cache=False, **extra)
+    if fast is not None and fast.head is not None:
+        per_token = out.logits
+    else:
+        logits = out.logits.reshape(-1, out.logits.shape[-1]).float()
+        per_token = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
+    which = torch.repeat_interleave(torch.arange(len(sides), device=device), counts)
+    sums = torch.zeros(len(sides), dtype=torch.float32, device=device).index_add(0, which, per_token.float())
+    return sides, sums, counts
+
+
+def logprob_loss(model, batch, pad_id: int, device, fast=None):
+    """The summed negative log-probs and their count: what training.check_fast compares between
+    the plain and the fast paths for a preference run (it goes through this module's head)."""
+    _, sums, counts = sequence_logprobs(model, batch, pad_id, device, fast)
+    return -sums.sum(), int(counts.sum())
+
+
+# ---------------------------------------------------------------- the loss of a pass
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A preference run's loss, decided once: the method, its β and the reference cache
+    ([records, 2] fp64: chosen or KTO answer in column 0, rejected in 1; None for SimPO/ORPO)."""
+
+    method: str
+    beta: float
+    reference: object = None
+
+    def pass_loss(self, model, batch, pad_id: int, device, fast=None, z0=None):
+        """(summed loss over the batch's records, their number, summed stats) of one pass."""
+        import torch
+
+        sides, logps, counts = sequence_logprobs(model, batch, pad_id, device, fast)
+        units = list(dict.fromkeys(s.unit for s in sides))
+        ref = None
+        if self.reference is not None:
+            ref = self.reference.to(device=device, dtype=logps.dtype)
+        if self.method == "kto":
+            at = torch.tensor([s.unit for s in sides], device=device)
+            good = torch.tensor([s.role == "desirable" for s in sides], device=device)
+            out = losses.kto(logps, ref[at, 0], good, torch.as_tensor(z0 or 0.0, device=device),
+                             beta=self.beta)
+            stats = {"rewards_desirable": float(out.chosen_reward.sum()),
+                     "rewards_undesirable": float(out.rejected_reward.sum()),
+                     "n_desirable": int(good.sum()), "n_undesirable": int((~good).sum())}
+            return out.loss * len(sides), len(sides), stats
+        pick = {(s.unit, s.role): i for i, s in enumerate(sides)}
+        c = torch.tensor([pick[(u, "chosen")] for u in units], device=device)
+        r = torch.tensor([pick[(u, "rejected")] for u in units], device=device)
+        at = torch.tensor(units, device=device)
+        if self.method == "dpo":
+            out = losses.dpo(logps[c], logps[r], ref[at, 0], ref[at, 1], beta=self.beta)
+        elif self.method == "simpo":
+            out = losses.simpo(logps[c], logps[r], counts[c], counts[r], beta=self.beta)
+        else:
+            out = losses.orpo(logps[c], logps[r], counts[c], counts[r], lam=self.beta)
+        margin = out.chosen_reward - out.rejected_reward
+        stats = {"rewards_chosen": float(out.chosen_reward.sum()),
+                 "rewards_rejected": float(out.rejected_reward.sum()),
+                 "reward_accuracy": float((margin > 0).sum()), "margin": float(margin.sum()),
+                 "logps_chosen": float(logps[c].detach().sum()),
+                 "logps_rejected": float(logps[r].detach().sum())}
+        return out.loss * len(units), len(units), stats
+
+    def reference_point(self, model, batches, pad_id: int, device, fast=None) -> tuple[float, int]:
+        """KTO: (summed reward policy − reference, answers) over batches, without gradients."""
+        import torch
+
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for batch in batches:
+                sides, logps, _ = sequence_logprobs(model, batch, pad_id, device, fast)
+                at = torch.tensor([s.unit for s in sides], device=device)
+                total += float((logps.double() - self.reference.to(device)[at, 0]).sum())
+                n += len(sides)
+        return total, n
+
+
+def logged(stats: dict, units: int) -> dict:
+    """Per-step means of summed stats, named as TRL logs them."""
+    out = {}
+    for key, value in stats.items():
+        if key.startswith("n_"):
+            continue
+        if key in ("rewards_desirable", "rewards_undesirable"):
+            n = stats["n_" + key.split("_")[1]]
+            out[key] = round(value / n, 5) if n else None
+        else:
+            out[key] = round(value / max(1, units), 5)
+    return out
+
+
+# ---------------------------------------------------------------- the reference cache
+
+
+def reference_logprobs(model, units: Sequence[Unit], width: int, micro_tokens: int, pad_id: int,
+                       device, fast=None, adapter_off: bool = False, accelerator=None):
+    """[records, 2] fp64 summed log-probs of every answer under the reference: the model as it is
+    now (a --from adapter), or with its adapter off. `units` are numbered 0..len-1 (train and
+    validation together). Each process computes every world-th batch, and one sum joins them."""
+    import torch
+
+    from habit.adapters import adapter_off as off
+
+    world = accelerator.num_processes if accelerator else 1
+    rank = accelerator.process_index if accelerator else 0
+    ref = torch.zeros(len(units), 2, dtype=torch.float64)
+    batches = plan_units(units, width, micro_tokens, 0, 0, shuffle=False)[rank::world]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), off(model, adapter_off):
+        for batch in batches:
+            sides, logps, _ = sequence_logprobs(model, batch, pad_id, device, fast)
+            for side, value in zip(sides, logps.double().cpu()):
+                ref[side.unit, side.column] = value
+    model.train(was_training)
+    if world > 1:
+        ref = accelerator.reduce(ref.to(accelerator.device), "sum").cpu()
+    return ref
+
+
+def digest(units: Sequence[Unit]) -> str:
+    """What the cache was computed for: every answer's ids and loss mask, in order."""
+    h = hashlib.sha256()
+    for unit in units:
+        for side in unit.sides:
+            h.update(repr((side.role, side.ids, side.loss)).encode())
+    return h.hexdigest()
+
+
+def save_reference(run: Path, ref, units: Sequence[Unit]) -> None:
+    import torch
+
+    tmp = run / f".{REFERENCE_FILE}.tmp"
+    torch.save({"digest": digest(units), "logps": ref}, tmp)
+    os.replace(tmp, run / REFERENCE_FILE)
+
+
+def load_reference(run: Path, units: Sequence[Unit]):
+    """The cache a run computed when it started; refuses one made for other answers."""
+    import torch
+
+    path = run / REFERENCE_FILE
+    if not path.is_file():
+        raise HabitError(f"{run}: no {REFERENCE_FILE}; the run's reference log-probs are gone")
+    saved = torch.load(path, weights_only=True)
+    if saved["digest"] != digest(units):
+        raise HabitError(f"{path}: computed for other answers than this run's data renders to")
+    return saved["logps"]
