@@ -8,6 +8,10 @@ unchanged under `accelerate launch` or `torchrun` (DDP), with rank 0 writing the
 
 Data order is a pure function of (seed, epoch), so a resumed or multi-process run sees the same
 batches as an uninterrupted one.
+
+Reading order: `_fit` is the recipe, setup → plan → prepare → (train_step, validate, checkpoint)
+per step → finish; each part is a function below it that reads alone. What a step minimises is an
+`Objective` (SFT's token loss here; habit/preference.py brings the preference losses).
 """
 
 from __future__ import annotations
@@ -403,9 +407,64 @@ def memory_plan(config, lora: LoraSettings, settings: TrainSettings, dtype,
     return need
 
 
-def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
-         settings: TrainSettings, on_log: Callable[[dict], None] | None, force: bool = False,
-         checkpoint: Path | None = None) -> TrainResult:
+# --- the recipe: setup → plan → prepare → (step, validate, checkpoint)* → finish -------------------
+
+class Objective:
+    """What a step minimises. SFT: the summed token loss of each pass, divided by the step's target
+    count over all processes. Another objective (a preference loss) replaces both methods."""
+
+    name = "sft"
+
+    def count(self, batch: Batch) -> int:
+        """The step's normaliser: what its loss is a mean over."""
+        return batch.targets
+
+    def loss(self, model, batch: Batch, pad_id: int, device, fast: fastpath.FastPaths | None):
+        """(summed loss of one pass, the count it covers)."""
+        return batch_loss(model, batch, pad_id, device, fast)
+
+
+@dataclass
+class Setup:
+    """The processes, the base model and the data as token ids: built once, before any plan."""
+
+    accelerator: object
+    dtype: object
+    need: memory.Estimate
+    base: object
+    tokenizer: object
+    template: Template
+    stop: list
+    train_ex: list
+    val_ex: list
+    train_enc: list
+    val_enc: list
+    dropped: list  # (example, tokens) too long for --max-len
+    val_dropped: list
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+
+def setup(table: Table, run: Path, source: models.Source, lora: LoraSettings,
+          settings: TrainSettings) -> Setup:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -413,20 +472,18 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
     train_ex, val_ex = split(table, settings.val_frac, settings.seed)
     if not train_ex:
         raise HabitError(f"{table.source}: no training examples left after the validation split")
-
     log_with = None if settings.report_to == "none" else settings.report_to
     # accelerate only forms a CPU process group (gloo) when told cpu=True; without it, torchrun
     # on a machine with no GPU would start N independent single-process runs.
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(log_with=log_with, project_dir=str(run), cpu=multi_cpu)
-    device = accelerator.device
-    main = accelerator.is_main_process
     set_seed(settings.seed)
+    device = accelerator.device
     dtype = models.best_dtype(settings.precision, device.type)
     # one config read: an architecture outside habit/archs.py stops here, before any weights load
     # (a resumed run too), and the same config sizes the memory estimate
     config = models.check_arch(source)
-    need = memory_plan(config, lora, settings, dtype, str(device), say=main)
+    need = memory_plan(config, lora, settings, dtype, str(device), say=accelerator.is_main_process)
     base, tokenizer = models.load_model(source, dtype=dtype, device=str(device),
                                         quantize=settings.quantize)
     template = choose_template(table, tokenizer)
@@ -437,184 +494,277 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
                                       settings.train_on_prompt)
     if not train_enc:
         raise HabitError(f"{table.source}: every example is longer than --max-len {settings.max_len}")
+    return Setup(accelerator, dtype, need, base, tokenizer, template, stop, train_ex, val_ex,
+                 train_enc, val_enc, dropped, val_dropped)
 
-    width = row_width(train_enc + val_enc, settings.max_len)
+
+@dataclass
+class Plan:
+    """How the data becomes steps: the row width, the step count and when to validate."""
+
+    width: int
+    steps_per_epoch: int
+    total: int
+    val_every: int
+    first_step: Batch  # the fast paths are checked on it
+    val_batches: list  # this process's share of the validation set
+
+
+def plan(s: Setup, settings: TrainSettings) -> Plan:
+    width = row_width(s.train_enc + s.val_enc, settings.max_len)
     micro = settings.batch_tokens // settings.grad_accum
-    world, rank = accelerator.num_processes, accelerator.process_index
-    first_epoch = plan_epoch(train_enc, width, settings.batch_tokens, settings.seed, 0)
-    steps_per_epoch = len(first_epoch)
-    total = settings.steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
-    val_batches = plan_epoch(val_enc, width, micro, settings.seed, 0, shuffle=False)[rank::world]
+    first_epoch = plan_epoch(s.train_enc, width, settings.batch_tokens, settings.seed, 0)
+    total = settings.steps or max(1, math.ceil(settings.epochs * len(first_epoch)))
+    val_batches = plan_epoch(s.val_enc, width, micro, settings.seed, 0, shuffle=False)[s.rank::s.world]
+    val_every = settings.val_every or max(1, total // VAL_POINTS)
+    return Plan(width, len(first_epoch), total, val_every, first_epoch[0], val_batches)
 
-    model = adapters.attach(base, lora)
+
+@dataclass
+class Trainer:
+    """The trainable state: the adapted model, the fast paths that passed their check, the fp32
+    master weights with their optimizer and schedule, the best adapter so far, and the progress."""
+
+    model: object
+    fast: fastpath.FastPaths
+    fast_diff: float | None
+    weights: MasterWeights
+    optimizer: object
+    scheduler: object
+    best: Best
+    step: int = 0  # optimizer steps done
+    seen_tokens: int = 0
+    computed_tokens: int = 0  # what the model ran on: real tokens less the repeats of a shared prefix
+
+
+def prepare(s: Setup, p: Plan, lora: LoraSettings, settings: TrainSettings,
+            checkpoint: Path | None) -> Trainer:
+    """The adapter on the base, the fast paths checked against the plain path, the optimizer; then
+    a checkpoint's state when resuming."""
+    import torch
+
+    model = adapters.attach(s.base, lora)
     model.train()
+    fast, fast_diff = _fast_paths(s, p, model, settings)
+    weights = MasterWeights([(n, q) for n, q in model.named_parameters() if q.requires_grad])
+    # fused: one kernel per tensor instead of ~10 ops (a CPU step spent ~60 ms in the optimizer)
+    optimizer = torch.optim.AdamW(weights.master, lr=settings.lr, weight_decay=settings.weight_decay,
+                                  fused=s.device.type in ("cpu", "cuda"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_at(k, p.total, settings.warmup))
+    t = Trainer(model, fast, fast_diff, weights, optimizer, scheduler, Best())
+    if checkpoint is not None:
+        t.step, t.seen_tokens = load_checkpoint(checkpoint, weights, optimizer, scheduler, t.best)
+        t.computed_tokens = t.seen_tokens
+    t.model, t.optimizer = s.accelerator.prepare(model, optimizer)
+    return t
+
+
+def _fast_paths(s: Setup, p: Plan, model, settings: TrainSettings) -> tuple[fastpath.FastPaths, float | None]:
+    """The fast paths this run may use, and their largest difference from the plain path on the
+    first step (None when none is on). All of them off when that check fails."""
     fast = fastpath.FastPaths() if settings.plain_path else fastpath.setup(model)
-    if need.checkpointing:
+    if s.need.checkpointing:
         adapters.checkpoint_activations(model)
         # the recomputation runs inside the backward, outside a pass's fast-path context, and would
         # rebuild merged-LoRA layers as PEFT's (a different graph from the one it replaces)
         fast = dataclasses.replace(fast, lora=())
     if fast.attention:
-        fast = dataclasses.replace(fast, prefix=fastpath.shared_prefix(train_enc + val_enc))
-    if accelerator.distributed_type.name in ("DEEPSPEED", "FSDP"):
+        fast = dataclasses.replace(fast, prefix=fastpath.shared_prefix(s.train_enc + s.val_enc))
+    if s.accelerator.distributed_type.name in ("DEEPSPEED", "FSDP"):
         # merged LoRA and the head loss read whole weights inside their own backward; ZeRO-3 and
         # FSDP shard weights between forward and backward. Attention per example is unaffected.
         fast = fastpath.FastPaths(attention=fast.attention, prefix=fast.prefix)
-    fast_diff = None
-    if fast.names():
-        # before a checkpoint restores the RNG state: the check must not shift a resumed run
-        agreed, fast_diff = check_fast(model, first_epoch[0], tokenizer.pad_token_id, device, fast)
-        agreed = _agree(accelerator, agreed, False, 0.0, 0)[0]  # the same paths on every rank
-        if not agreed:
-            fast = fastpath.FastPaths()
-    weights = MasterWeights([(n, p) for n, p in model.named_parameters() if p.requires_grad])
-    # fused: one kernel per tensor instead of ~10 ops (a CPU step spent ~60 ms in the optimizer)
-    optimizer = torch.optim.AdamW(weights.master, lr=settings.lr, weight_decay=settings.weight_decay,
-                                  fused=device.type in ("cpu", "cuda"))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, settings.warmup))
-    first, seen_tokens = 0, 0
-    best = Best()
-    if checkpoint is not None:
-        first, seen_tokens = load_checkpoint(checkpoint, weights, optimizer, scheduler, best)
-    val_every = settings.val_every or max(1, total // VAL_POINTS)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not fast.names():
+        return fast, None
+    # before a checkpoint restores the RNG state: the check must not shift a resumed run
+    agreed, diff = check_fast(model, p.first_step, s.pad_id, s.device, fast)
+    agreed = _agree(s.accelerator, agreed, False, 0.0, 0)[0]  # the same paths on every rank
+    return (fast if agreed else fastpath.FastPaths()), diff
 
-    info = {
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the step's count, all processes together
+    stopping: bool  # some process was asked to stop (Ctrl-C, SIGTERM)
+
+
+def train_step(s: Setup, t: Trainer, step_batch: Batch, settings: TrainSettings,
+               stop_requested: bool, objective: Objective) -> StepResult:
+    """One optimizer step over one step's rows: this process's share in passes, gradients reduced
+    once, a check that all is finite, clipping, AdamW, and the fp32 masters back into the model."""
+    import torch
+
+    mine = share(step_batch, s.rank, s.world, settings.grad_accum)
+    # the step's loss is its summed losses over ALL its targets: each process divides by the
+    # global count, times `world` because DDP averages the processes' gradients (a mean of
+    # per-process means would weight examples unlike one process does)
+    scale = s.world / max(1, objective.count(step_batch))
+    my_count = sum(objective.count(b) for b in mine)
+    step_loss = 0.0
+    work = [part for batch in mine for part in passes(batch, settings.micro_tokens)]
+    idle = not work  # fewer rows than processes: a zero-weight pass still joins DDP's reduction
+    work = work or [Batch(step_batch.rows[:1], step_batch.width)]
+    with t.fast.fixed_weights():
+        for k, part in enumerate(work):
+            sync = k == len(work) - 1  # DDP reduces gradients once, after the step's last pass
+            ctx = s.accelerator.no_sync(t.model) if not sync and s.world > 1 else contextlib.nullcontext()
+            with ctx:
+                loss, _ = objective.loss(t.model, part, s.pad_id, s.device, t.fast)
+                s.accelerator.backward(loss * (0.0 if idle else scale))
+            step_loss += 0.0 if idle else float(loss.detach())
+    t.seen_tokens += step_batch.tokens
+    t.computed_tokens += sum(q.computed(t.fast.prefix) for r in range(s.world)
+                             for b in share(step_batch, r, s.world, settings.grad_accum)
+                             for q in passes(b, settings.micro_tokens))
+    t.weights.grads_to_master()
+    # one number says whether any gradient is inf/nan: their total norm
+    norm = torch.nn.utils.get_total_norm([m.grad for m in t.weights.master if m.grad is not None])
+    finite, stopping, step_loss, count = _agree(
+        s.accelerator, math.isfinite(step_loss) and bool(torch.isfinite(norm)), stop_requested,
+        step_loss, my_count)
+    if not finite:
+        raise HabitError(f"step {t.step + 1}: the loss or a gradient is not finite (loss "
+                         f"{step_loss / max(1, count):.4g}); try a lower --lr. The last "
+                         "checkpoint is intact: habit train --resume can continue from it")
+    if settings.max_grad_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(t.weights.master, settings.max_grad_norm, norm)
+    t.optimizer.step()
+    t.scheduler.step()
+    t.weights.master_to_model()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.model.zero_grad(set_to_none=True)
+    t.step += 1
+    return StepResult(step_loss / max(1, count), stopping)
+
+
+def validate(s: Setup, t: Trainer, p: Plan) -> float | None:
+    """Validation loss over every process's share; the best adapter so far is kept."""
+    val_loss = _eval_across(s.accelerator, t.model, p.val_batches, s.pad_id, s.device, t.fast)
+    t.best.offer(t.step, val_loss, t.weights)
+    return val_loss
+
+
+def run_info(table: Table, source: models.Source, s: Setup, p: Plan, t: Trainer,
+             lora: LoraSettings, settings: TrainSettings) -> dict:
+    """run.json: what was trained on what, with which settings and plan, on which versions."""
+    return {
         "status": "running",
         "base": {"source": source.given, "kind": source.kind, "sha256": models.content_hash(source)},
-        "template": template.to_dict(),
-        "template_text": template.describe(),
+        "template": s.template.to_dict(),
+        "template_text": s.template.describe(),
         "data": {"source": table.source, "path": _abspath(table.source), "shape": table.shape,
                  "sha256": table.sha256, "template_arg": _template_arg(table),
                  "response_arg": table.response,
                  "examples": len(table.examples), "duplicates_dropped": table.duplicates,
-                 "train": len(train_enc), "val": len(val_enc),
-                 "too_long_dropped": [list(d) for d in dropped + val_dropped]},
+                 "train": len(s.train_enc), "val": len(s.val_enc),
+                 "too_long_dropped": [list(d) for d in s.dropped + s.val_dropped]},
         "settings": {"lora": as_dict(lora), "train": as_dict(settings)},
-        "plan": {"steps": total, "steps_per_epoch": steps_per_epoch, "row_width": width,
-                 "processes": world, "dtype": str(dtype).replace("torch.", ""),
-                 "quantize": settings.quantize, "grad_checkpointing": need.checkpointing,
-                 "memory_estimate_gb": round(need.total / 1e9, 2) or None,
-                 "fast_paths": fast.names(), "fast_check": round(fast_diff, 6) if fast_diff is not None else None,
+        "plan": {"steps": p.total, "steps_per_epoch": p.steps_per_epoch, "row_width": p.width,
+                 "processes": s.world, "dtype": str(s.dtype).replace("torch.", ""),
+                 "quantize": settings.quantize, "grad_checkpointing": s.need.checkpointing,
+                 "memory_estimate_gb": round(s.need.total / 1e9, 2) or None,
+                 "fast_paths": t.fast.names(),
+                 "fast_check": round(t.fast_diff, 6) if t.fast_diff is not None else None,
                  "malloc": allocator.describe()},
         "versions": versions(),
     }
-    if main:
-        if checkpoint is None:
-            rundir.create(run, force)
-            (run / "checkpoints").mkdir(exist_ok=True)
-        else:  # forget what the cut run logged after its last checkpoint, and its half-written ones
-            for tmp in (run / "checkpoints").glob(".tmp-*"):
-                shutil.rmtree(tmp, ignore_errors=True)
-            kept = [r for r in rundir.read_jsonl(run / rundir.METRICS_FILE) if r.get("step", 0) <= first]
-            rundir.write_atomic(run / rundir.METRICS_FILE,
-                                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-            info["resumed_from"] = first
-        rundir.write_json(run / rundir.RUN_FILE, info)
+
+
+def open_run(run: Path, info: dict, force: bool, resumed_from: int | None) -> None:
+    """Create the run directory, or, resuming, forget what the cut run logged after its last
+    checkpoint and its half-written checkpoints; then write run.json."""
+    if resumed_from is None:
+        rundir.create(run, force)
+        (run / "checkpoints").mkdir(exist_ok=True)
+    else:
+        for tmp in (run / "checkpoints").glob(".tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = [r for r in rundir.read_jsonl(run / rundir.METRICS_FILE) if r.get("step", 0) <= resumed_from]
+        rundir.write_atomic(run / rundir.METRICS_FILE,
+                            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+        info["resumed_from"] = resumed_from
+    rundir.write_json(run / rundir.RUN_FILE, info)
+
+
+def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
+         settings: TrainSettings, on_log: Callable[[dict], None] | None, force: bool = False,
+         checkpoint: Path | None = None, objective: Objective | None = None) -> TrainResult:
+    objective = objective or Objective()
+    s = setup(table, run, source, lora, settings)
+    p = plan(s, settings)
+    t = prepare(s, p, lora, settings, checkpoint)
+    info = run_info(table, source, s, p, t, lora, settings)
+    log_with = None if settings.report_to == "none" else settings.report_to
+    if s.main:
+        open_run(run, info, force, None if checkpoint is None else t.step)
         if log_with:
-            accelerator.init_trackers("habit", config=_flat(info["settings"]))
-    accelerator.wait_for_everyone()
+            s.accelerator.init_trackers("habit", config=_flat(info["settings"]))
+    s.accelerator.wait_for_everyone()
 
     def log(row: dict) -> None:
-        if main:
+        if s.main:
             rundir.append_jsonl(run / rundir.METRICS_FILE, row)
             if log_with:
-                accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))},
-                                step=row.get("step"))
-        if on_log and main:
-            on_log(row)
+                s.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))},
+                                  step=row.get("step"))
+            if on_log:
+                on_log(row)
 
-    def save(step: int) -> None:
-        save_checkpoint(accelerator, model, weights, optimizer, scheduler, run, step,
-                        settings.keep_checkpoints, seen_tokens, best)
-
-    pad_id = tokenizer.pad_token_id
-    start, start_tokens = time.perf_counter(), seen_tokens
-    computed_tokens = seen_tokens  # what the model ran on: real tokens less the repeats of a shared prefix
+    start, start_tokens = time.perf_counter(), t.seen_tokens
     train_loss = val_loss = None
-    plan = itertools.islice(schedule(train_enc, width, settings.batch_tokens, settings.seed), first, total)
+    steps = itertools.islice(schedule(s.train_enc, p.width, settings.batch_tokens, settings.seed),
+                             t.step, p.total)
     with _StopFlag() as stop_flag:
-        for step, (epoch, done, step_batch, epoch_end) in enumerate(plan, start=first):
-            mine = share(step_batch, rank, world, settings.grad_accum)
-            # the step's loss is its summed token losses over ALL its targets: each process divides
-            # by the global count, times `world` because DDP averages the processes' gradients
-            # (a mean of per-process means would weight examples unlike one process does)
-            scale = world / max(1, step_batch.targets)
-            my_targets = sum(b.targets for b in mine)
-            step_loss = 0.0
-            work = [part for batch in mine for part in passes(batch, settings.micro_tokens)]
-            idle = not work  # fewer rows than processes: a zero-weight pass still joins DDP's reduction
-            work = work or [Batch(step_batch.rows[:1], step_batch.width)]
-            with fast.fixed_weights():
-                for k, part in enumerate(work):
-                    sync = k == len(work) - 1  # DDP reduces gradients once, after the step's last pass
-                    ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
-                    with ctx:
-                        loss, n = batch_loss(model, part, pad_id, device, fast)
-                        accelerator.backward(loss * (0.0 if idle else scale))
-                    step_loss += 0.0 if idle else float(loss.detach())
-            seen_tokens += step_batch.tokens
-            computed_tokens += sum(p.computed(fast.prefix) for r in range(world)
-                                   for b in share(step_batch, r, world, settings.grad_accum)
-                                   for p in passes(b, settings.micro_tokens))
-            weights.grads_to_master()
-            # one number says whether any gradient is inf/nan: their total norm
-            norm = torch.nn.utils.get_total_norm([m.grad for m in weights.master if m.grad is not None])
-            finite, stopping, step_loss, targets = _agree(
-                accelerator, math.isfinite(step_loss) and bool(torch.isfinite(norm)), stop_flag.requested,
-                step_loss, my_targets)
-            if not finite:
-                raise HabitError(f"step {step + 1}: the loss or a gradient is not finite (loss "
-                                 f"{step_loss / max(1, targets):.4g}); try a lower --lr. The last "
-                                 "checkpoint is intact: habit train --resume can continue from it")
-            if settings.max_grad_norm > 0:
-                torch.nn.utils.clip_grads_with_norm_(weights.master, settings.max_grad_norm, norm)
-            optimizer.step()
-            scheduler.step()
-            weights.master_to_model()
-            optimizer.zero_grad(set_to_none=True)
-            model.zero_grad(set_to_none=True)
-            train_loss = step_loss / max(1, targets)
-            elapsed = time.perf_counter() - start
-            log({"step": step + 1, "epoch": round(epoch + done, 3), "loss": round(train_loss, 5),
-                 "lr": scheduler.get_last_lr()[0], "tokens": seen_tokens, "tokens_computed": computed_tokens,
-                 "tokens_per_s": round((seen_tokens - start_tokens) / elapsed, 1),
-                 "elapsed_s": round(elapsed, 2), "total_steps": total})
-            last = step + 1 == total
-            if settings.eval_every and ((step + 1) % settings.eval_every == 0 or last):
-                if main:
-                    row = probe(accelerator.unwrap_model(model), tokenizer, template, stop,
-                                val_ex or train_ex)
-                    log({"step": step + 1, **row})
-                accelerator.wait_for_everyone()
-            if val_enc and (epoch_end or last or (step + 1) % val_every == 0):  # same on every rank
-                val_loss = _eval_across(accelerator, model, val_batches, pad_id, device, fast)
-                log({"step": step + 1, "epoch": round(epoch + done, 3), "val_loss": round(val_loss, 5)})
-                best.offer(step + 1, val_loss, weights)
-            due = (step + 1) % settings.save_every == 0 if settings.save_every else epoch_end
-            if due or last or stopping:
-                save(step + 1)
-            if stopping and not last:
-                if main:
+        for epoch, done, step_batch, epoch_end in steps:
+            out = train_step(s, t, step_batch, settings, stop_flag.requested, objective)
+            train_loss, elapsed, last = out.loss, time.perf_counter() - start, t.step == p.total
+            log({"step": t.step, "epoch": round(epoch + done, 3), "loss": round(train_loss, 5),
+                 "lr": t.scheduler.get_last_lr()[0], "tokens": t.seen_tokens,
+                 "tokens_computed": t.computed_tokens,
+                 "tokens_per_s": round((t.seen_tokens - start_tokens) / elapsed, 1),
+                 "elapsed_s": round(elapsed, 2), "total_steps": p.total})
+            if settings.eval_every and (t.step % settings.eval_every == 0 or last):
+                if s.main:
+                    log({"step": t.step, **probe(s.accelerator.unwrap_model(t.model), s.tokenizer,
+                                                 s.template, s.stop, s.val_ex or s.train_ex)})
+                s.accelerator.wait_for_everyone()
+            if s.val_enc and (epoch_end or last or t.step % p.val_every == 0):  # same on every rank
+                val_loss = validate(s, t, p)
+                log({"step": t.step, "epoch": round(epoch + done, 3), "val_loss": round(val_loss, 5)})
+            due = t.step % settings.save_every == 0 if settings.save_every else epoch_end
+            if due or last or out.stopping:
+                save_checkpoint(s.accelerator, t.model, t.weights, t.optimizer, t.scheduler, run,
+                                t.step, settings.keep_checkpoints, t.seen_tokens, t.best)
+            if out.stopping and not last:
+                if s.main:
                     rundir.write_json(run / rundir.RUN_FILE, info | {"status": "interrupted",
-                                                                     "stopped_at": step + 1})
-                raise Interrupted(f"stopped at step {step + 1}/{total}; checkpoint saved. "
+                                                                     "stopped_at": t.step})
+                raise Interrupted(f"stopped at step {t.step}/{p.total}; checkpoint saved. "
                                   f"Continue with: habit train --resume {run}")
+    result = finish(s, p, t, run, info, settings, train_loss, val_loss,
+                    time.perf_counter() - start, start_tokens)
+    if log_with:
+        s.accelerator.end_training()
+    return result
 
-    elapsed = time.perf_counter() - start
-    kept = best if settings.keep == "best" and best.step is not None else None
+
+def finish(s: Setup, p: Plan, t: Trainer, run: Path, info: dict, settings: TrainSettings,
+           train_loss: float | None, val_loss: float | None, elapsed: float,
+           start_tokens: int) -> TrainResult:
+    """The run's adapter (the best validated one under --keep best) and run.json marked done."""
+    kept = t.best if settings.keep == "best" and t.best.step is not None else None
     result = TrainResult(str(run), train_loss, val_loss,
-                         round((seen_tokens - start_tokens) / max(elapsed, 1e-9), 1), total,
-                         len(train_enc), len(val_enc), [list(d) for d in dropped], round(elapsed, 2),
-                         fast.names(), fast_diff, kept.step if kept else total,
+                         round((t.seen_tokens - start_tokens) / max(elapsed, 1e-9), 1), p.total,
+                         len(s.train_enc), len(s.val_enc),
+                         [list(d) for d in s.dropped], round(elapsed, 2),
+                         t.fast.names(), t.fast_diff, kept.step if kept else p.total,
                          kept.loss if kept else val_loss)
-    if main:
-        adapters.save(accelerator.unwrap_model(model), run, kept.weights if kept else weights.state_dict())
+    if s.main:
+        adapters.save(s.accelerator.unwrap_model(t.model), run,
+                      kept.weights if kept else t.weights.state_dict())
         info.update(status="done", result=result.to_dict())
         rundir.write_json(run / rundir.RUN_FILE, info)
-    accelerator.wait_for_everyone()
-    if log_with:
-        accelerator.end_training()
+    s.accelerator.wait_for_everyone()
     return result
 
 
