@@ -41,13 +41,15 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_settings(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         kind = f.type if isinstance(f.type, type) else eval(f.type, {})  # "int | None" etc.
         if kind is bool:
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"].replace("%", "%%"))
+            parser.add_argument(flag, action="store_true", dest=f.name,
+                                help=f.metadata["help"].replace("%", "%%"))
             continue
         base = next((t for t in (bool, int, float, str) if t == kind or t in getattr(kind, "__args__", ())), str)
-        parser.add_argument(flag, type=base, default=f.default, metavar=f.name.upper(),
+        parser.add_argument(flag, type=base, default=f.default, dest=f.name,
+                            metavar=flag[2:].replace("-", "_").upper(),
                             help=f.metadata["help"].replace("%", "%%"))
 
 

@@ -143,8 +143,9 @@ def split_records(table: PreferenceTable, val_frac: float, seed: int,
 # ---------------------------------------------------------------- planning
 
 
-def row_width(units: Sequence[Unit], max_len: int) -> int:
-    """Rows hold whole units: as wide as the longest one needs, rounded like SFT rows."""
+def row_width(units: Sequence[Unit]) -> int:
+    """Rows hold whole units: as wide as the longest one needs, rounded like SFT rows (each
+    answer is at most --max-len, so a pair's row can be up to twice that)."""
     from habit.training import ROW_ALIGN
 
     longest = max(len(u) for u in units)
@@ -274,7 +275,7 @@ def logprob_loss(model, batch, pad_id: int, device, fast=None):
 
 
 @dataclass(frozen=True)
-class Objective:
+class Loss:
     """A preference run's loss, decided once: the method, its β and the reference cache
     ([records, 2] fp64: chosen or KTO answer in column 0, rejected in 1; None for SimPO/ORPO)."""
 
@@ -403,3 +404,232 @@ def load_reference(run: Path, units: Sequence[Unit]):
     if saved["digest"] != digest(units):
         raise HabitError(f"{path}: computed for other answers than this run's data renders to")
     return saved["logps"]
+
+
+# ---------------------------------------------------------------- the objective training runs
+
+
+def objective(table, model: str, lora, settings):
+    """(base source, LoRA settings, objective) for `habit train DATA --method M [--from RUN]`."""
+    from habit import models, rundir
+    from habit.data import Table
+    from habit.settings import DEFAULT_MODEL, LoraSettings, from_dict
+
+    method = settings.method
+    if isinstance(table, Table):
+        raise HabitError(f"{table.source}: --method {method} trains on preference data: columns "
+                         "prompt, chosen, rejected (kto also: prompt, completion, label)")
+    if table.shape == "unpaired" and method != "kto":
+        raise HabitError(f"{table.source}: rows with a label and no pair train with --method kto, "
+                         f"not {method}")
+    like, from_info = None, None
+    if settings.from_run:
+        from_info = rundir.read_run(settings.from_run)
+        if not (Path(settings.from_run) / "adapter_model.safetensors").is_file():
+            raise HabitError(f"{settings.from_run}: no adapter in this run (training unfinished?)")
+        given = from_info["base"]["source"]
+        if model not in (DEFAULT_MODEL, given):
+            raise HabitError(f"--model {model}: --from {settings.from_run} continues that run on its "
+                             f"base {given}; leave --model out")
+        model = given
+        lora = from_dict(LoraSettings, from_info["settings"]["lora"])
+        like = Template.from_dict(from_info["template"])
+    source = models.resolve(model)
+    if from_info and source.kind != "hub" and from_info["base"].get("sha256") not in (
+            None, models.content_hash(source)):
+        raise HabitError(f"{settings.from_run}: its base '{model}' changed since that run trained")
+    beta = settings.beta if settings.beta is not None else BETA[method]
+    return source, lora, PreferenceObjective(method, beta, settings.from_run, like, from_info)
+
+
+_STATS = {"pairs": ("rewards_chosen", "rewards_rejected", "reward_accuracy", "margin",
+                    "logps_chosen", "logps_rejected"),
+          "kto": ("rewards_desirable", "rewards_undesirable", "n_desirable", "n_undesirable")}
+
+
+class PreferenceObjective:
+    """training.Objective's methods for a preference loss (see that class); built once per run by
+    `objective`, it holds the run's records, reference cache and the step's KTO reference point."""
+
+    def __init__(self, method: str, beta: float, from_run: str | None, like: Template | None,
+                 from_info: dict | None):
+        self.name, self.method, self.beta = method, method, beta
+        self.from_run, self.like, self.from_info = from_run, like, from_info
+        self.units: list[Unit] = []  # train then validation, numbered in that order
+        self.table = None
+        self.fn = Loss(method, beta)
+        self.z0 = 0.0
+        self.idle = False
+        self.stats = self._zero()
+        self.micro_tokens = 1024
+
+    # --- data
+    def setup(self, table: PreferenceTable, run: Path, source, lora, settings):
+        from habit import models, training
+
+        self.table, self.micro_tokens = table, settings.micro_tokens
+        accelerator, dtype, need, base, tokenizer = training.runtime(run, source, lora, settings)
+        template = pair_template(table, tokenizer, self.like)
+        stop = models.stop_ids(tokenizer, base)
+        records = table.records
+        if self.method == "kto" and table.shape == "pairs":  # KTO learns from each answer alone
+            records = tuple(_kto_record(r, side) for r in records for side in (True, False))
+        shown = PreferenceTable(table.source, table.shape, table.text, records, 0, table.sha256)
+        sft = self._sft_split(tokenizer)
+        train_r, val_r = split_records(shown, settings.val_frac, settings.seed, sft,
+                                       lambda r: record_prompt(r, template, tokenizer))
+        if not train_r:
+            raise HabitError(f"{table.source}: no training records left after the validation split")
+        train_u, dropped = encode_units(train_r, template, tokenizer, stop, settings.max_len,
+                                        settings.train_on_prompt)
+        val_u, val_dropped = encode_units(val_r, template, tokenizer, stop, settings.max_len,
+                                          settings.train_on_prompt, start=len(train_u))
+        if not train_u:
+            raise HabitError(f"{table.source}: every record has an answer longer than --max-len "
+                             f"{settings.max_len}")
+        self.units = train_u + val_u
+        flat = lambda units: [s for u in units for s in u.sides]  # noqa: E731
+        liked = lambda rs: [r.chosen for r in rs if r.rejected is not None or r.label]  # noqa: E731
+        return training.Setup(accelerator, dtype, need, base, tokenizer, template, stop,
+                              liked(train_r), liked(val_r), flat(train_u), flat(val_u),
+                              dropped, val_dropped)
+
+    def _sft_split(self, tokenizer):
+        """The --from run's (trained, held-out) prompts as rendered text, or None without one."""
+        if self.from_info is None:
+            return None
+        from habit.data import load_examples, split
+
+        d, s = self.from_info["data"], self.from_info["settings"]["train"]
+        try:
+            table = load_examples(d.get("path") or d["source"], template=d.get("template_arg"),
+                                  response=d.get("response_arg"))
+        except HabitError:
+            return None  # its table is gone or is itself preference data: split by hash alone
+        trained, held = split(table, s["val_frac"], s["seed"])
+        show = lambda exs: {render.example_prompt(e, self.like, tokenizer) for e in exs}  # noqa: E731
+        return show(trained), show(held)
+
+    def width(self, sides, max_len: int) -> int:
+        return row_width(group(sides))
+
+    def planner(self, sides, width: int, micro_tokens: int, seed: int, epoch: int, shuffle: bool = True):
+        return plan_units(group(sides), width, micro_tokens, seed, epoch, shuffle)
+
+    # --- model
+    def adapter(self, base, lora):
+        from habit import adapters, models
+
+        if self.from_run is None:
+            return adapters.attach(base, lora)
+        from peft import PeftModel
+
+        try:  # bf16 LoRA weights as adapters.attach makes them; training keeps fp32 masters
+            return PeftModel.from_pretrained(base, self.from_run, is_trainable=True,
+                                             autocast_adapter_dtype=False)
+        except Exception as e:
+            raise HabitError(f"{self.from_run}: cannot load its adapter ({models._one_line(e)})") from None
+
+    def check_loss(self, model, batch, pad_id: int, device, fast):
+        return logprob_loss(model, batch, pad_id, device, fast)
+
+    def start(self, s, t, run: Path, resumed: bool) -> None:
+        """The reference cache: computed now, before any update, or read back when resuming."""
+        if not losses.NEEDS_REFERENCE[self.method]:
+            return
+        if resumed:
+            ref = load_reference(run, self.units)
+        else:
+            ref = reference_logprobs(s.accelerator.unwrap_model(t.model), self.units,
+                                     row_width(self.units), self.micro_tokens, s.pad_id, s.device,
+                                     t.fast, adapter_off=self.from_run is None, accelerator=s.accelerator)
+            if s.main:
+                save_reference(run, ref, self.units)
+        self.fn = Loss(self.method, self.beta, ref)
+
+    # --- a step
+    def before_step(self, s, t, work: list) -> None:
+        self.idle = not work
+        if self.method != "kto":
+            return
+        model = s.accelerator.unwrap_model(t.model)
+        was_training = model.training
+        model.eval()
+        total, n = self.fn.reference_point(model, work, s.pad_id, s.device, t.fast)
+        model.train(was_training)
+        if s.world > 1:
+            import torch
+
+            sums = s.accelerator.reduce(torch.tensor([total, float(n)], dtype=torch.float64,
+                                                     device=s.device), "sum")
+            total, n = float(sums[0]), int(sums[1])
+        self.z0 = max(0.0, total / max(1, n))
+
+    def count(self, batch) -> int:
+        return units_in(batch)
+
+    def loss(self, model, batch, pad_id: int, device, fast):
+        loss, n, stats = self.fn.pass_loss(model, batch, pad_id, device, fast, self.z0)
+        if not self.idle:
+            self.stats["n"] += n
+            for key, value in stats.items():
+                self.stats[key] += value
+        return loss, n
+
+    def _zero(self) -> dict:
+        return dict.fromkeys(("n",) + _STATS["kto" if self.method == "kto" else "pairs"], 0.0)
+
+    def logged(self, accelerator, prefix: str = "") -> dict:
+        """Step (or validation) means of rewards, reward accuracy, margins and log-probs."""
+        keys = list(self.stats)
+        values = [self.stats[k] for k in keys]
+        self.stats, self.idle = self._zero(), False
+        if accelerator.num_processes > 1:
+            import torch
+
+            values = accelerator.reduce(torch.tensor(values, dtype=torch.float64,
+                                                     device=accelerator.device), "sum").tolist()
+        sums = dict(zip(keys, values))
+        out = logged({k: v for k, v in sums.items() if k != "n"}, int(sums["n"]))
+        if self.method == "kto":
+            out["kl"] = round(self.z0, 5)
+        return {prefix + k: v for k, v in out.items()}
+
+    def describe(self, table: PreferenceTable, s) -> dict:
+        d = (self.from_info or {}).get("data", {})
+        template = self.like or s.template
+        train_units = len({x.unit for x in s.train_enc})
+        return {
+            "template": template.to_dict(), "template_text": template.describe(),
+            "data": {"source": table.source, "path": os.path.abspath(table.source)
+                     if os.path.exists(table.source) else table.source,
+                     "shape": table.shape, "sha256": table.sha256,
+                     # how a later `habit eval --data TABLE` reads the --from run's kind of table
+                     "template_arg": d.get("template_arg"), "response_arg": d.get("response_arg"),
+                     "records": len(table.records), "duplicates_dropped": table.duplicates,
+                     "train": train_units, "val": len(self.units) - train_units,
+                     "too_long_dropped": [list(x) for x in s.dropped + s.val_dropped]},
+            "preference": {
+                "method": self.method, "beta": self.beta,
+                "from": os.path.abspath(self.from_run) if self.from_run else None,
+                "reference": (None if not losses.NEEDS_REFERENCE[self.method] else
+                              "the --from run's adapter, frozen" if self.from_run else
+                              "the base (adapter off)"),
+                "pair_template": s.template.to_dict()},
+        }
+
+
+def _kto_record(record: Preference, chosen: bool) -> Preference:
+    """One answer of a pair as a KTO record: the chosen one desirable, the rejected one not."""
+    return Preference(record.chosen if chosen else record.rejected, None, chosen, record.where)
+
+
+def group(sides: Sequence[Side]) -> list[Unit]:
+    """Sides back into their units (each unit's sides are adjacent, as encode_units made them)."""
+    units: list[list[Side]] = []
+    for side in sides:
+        if units and units[-1][0].unit == side.unit:
+            units[-1].append(side)
+        else:
+            units.append([side])
+    return [Unit(tuple(u)) for u in units]

@@ -14,6 +14,7 @@ from typing import Any
 from habit.errors import HabitError
 
 DEFAULT_MODEL = "smollm2-135m"
+METHODS = ("sft", "dpo", "simpo", "orpo", "kto")  # losses.METHODS plus plain supervised tuning
 VAL_POINTS = 8  # validations a run makes by default (--val-every 0), besides each epoch end
 
 
@@ -88,6 +89,16 @@ class TrainSettings:
     grad_checkpointing: str = _opt(
         "auto", "auto | on | off: recompute activations in the backward pass instead of keeping "
         "them (auto: on when the memory estimate says they would not fit)")
+    method: str = _opt(
+        "sft", "sft | dpo | simpo | orpo | kto: what to learn from; the preference losses train on "
+        "prompt,chosen,rejected pairs (kto: prompt,completion,label) and teach what not to do")
+    beta: float | None = _opt(
+        None, "strength of the preference loss (default by method: dpo 0.1, kto 0.1, simpo 2.0, "
+        "orpo 0.1 as its odds-ratio weight); a larger beta keeps closer to the reference")
+    from_run: str | None = _opt(
+        None, "continue the adapter of this SFT run (its base, LoRA shape and template); the "
+        "frozen run is the preference reference. Without it the reference is the base",
+        flag="--from")
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "--epochs must be positive")
@@ -118,6 +129,10 @@ class TrainSettings:
         _check(self.quantize in ("none", "nf4"), "--quantize must be none or nf4")
         _check(self.grad_checkpointing in ("auto", "on", "off"),
                "--grad-checkpointing must be auto, on or off")
+        _check(self.method in METHODS, "--method must be " + ", ".join(METHODS[:-1]) + " or kto")
+        _check(self.beta is None or self.beta > 0, "--beta must be positive")
+        _check(self.from_run is None or self.method != "sft",
+               "--from continues a run with a preference loss; give --method dpo, simpo, orpo or kto")
 
 
 @dataclass(frozen=True)
