@@ -162,6 +162,11 @@ def evaluate(run: LoadedRun, data: str | None = None, n: int = 50,
     {"base": {...}, "tuned": {...}, "reference": {...}, "expectation": {...}, "examples": [...]}."""
     if n < 1:
         raise HabitError("--n must be at least 1")
+    from habit import pairs  # preference data (or a preference run's own): pair metrics as well
+
+    pair_table = pairs.pair_data(run, data)
+    if pair_table is not None:
+        return pairs.evaluate_pairs(run, pair_table, data, n, expect_prefix, expect_regex, settings, save)
     train, examples, origin = held_out(run, data)
     expect = expectation(train, run, expect_prefix, expect_regex)
     chosen = examples[:n]

@@ -471,13 +471,8 @@ class PreferenceObjective:
         accelerator, dtype, need, base, tokenizer = training.runtime(run, source, lora, settings)
         template = pair_template(table, tokenizer, self.like)
         stop = models.stop_ids(tokenizer, base)
-        records = table.records
-        if self.method == "kto" and table.shape == "pairs":  # KTO learns from each answer alone
-            records = tuple(_kto_record(r, side) for r in records for side in (True, False))
-        shown = PreferenceTable(table.source, table.shape, table.text, records, 0, table.sha256)
-        sft = self._sft_split(tokenizer)
-        train_r, val_r = split_records(shown, settings.val_frac, settings.seed, sft,
-                                       lambda r: record_prompt(r, template, tokenizer))
+        train_r, val_r = run_split(table, self.method, settings.val_frac, settings.seed,
+                                   self.from_info, template, tokenizer)
         if not train_r:
             raise HabitError(f"{table.source}: no training records left after the validation split")
         train_u, dropped = encode_units(train_r, template, tokenizer, stop, settings.max_len,
@@ -493,22 +488,6 @@ class PreferenceObjective:
         return training.Setup(accelerator, dtype, need, base, tokenizer, template, stop,
                               liked(train_r), liked(val_r), flat(train_u), flat(val_u),
                               dropped, val_dropped)
-
-    def _sft_split(self, tokenizer):
-        """The --from run's (trained, held-out) prompts as rendered text, or None without one."""
-        if self.from_info is None:
-            return None
-        from habit.data import load_examples, split
-
-        d, s = self.from_info["data"], self.from_info["settings"]["train"]
-        try:
-            table = load_examples(d.get("path") or d["source"], template=d.get("template_arg"),
-                                  response=d.get("response_arg"))
-        except HabitError:
-            return None  # its table is gone or is itself preference data: split by hash alone
-        trained, held = split(table, s["val_frac"], s["seed"])
-        show = lambda exs: {render.example_prompt(e, self.like, tokenizer) for e in exs}  # noqa: E731
-        return show(trained), show(held)
 
     def width(self, sides, max_len: int) -> int:
         return row_width(group(sides))
@@ -617,6 +596,37 @@ class PreferenceObjective:
                               "the base (adapter off)"),
                 "pair_template": s.template.to_dict()},
         }
+
+
+def run_split(table: PreferenceTable, method: str, val_frac: float, seed: int,
+              from_info: dict | None, template: Template, tokenizer):
+    """A preference run's (train, validation) records, as training made them and eval remakes
+    them: KTO on pairs learns from each answer alone, and a --from run's split is kept."""
+    records = table.records
+    if method == "kto" and table.shape == "pairs":
+        records = tuple(_kto_record(r, side) for r in records for side in (True, False))
+    shown = PreferenceTable(table.source, table.shape, table.text, records, 0, table.sha256)
+    sft = sft_split(from_info, tokenizer)
+    return split_records(shown, val_frac, seed, sft, lambda r: record_prompt(r, template, tokenizer))
+
+
+def sft_split(from_info: dict | None, tokenizer):
+    """The --from run's (trained, held-out) prompts as rendered text; None without one, or when
+    its table is gone or is itself preference data (the split then goes by hash alone)."""
+    if from_info is None:
+        return None
+    from habit.data import load_examples, split
+
+    d, s = from_info["data"], from_info["settings"]["train"]
+    try:
+        table = load_examples(d.get("path") or d["source"], template=d.get("template_arg"),
+                              response=d.get("response_arg"))
+    except HabitError:
+        return None
+    like = Template.from_dict(from_info["template"])
+    trained, held = split(table, s["val_frac"], s["seed"])
+    show = lambda exs: {render.example_prompt(e, like, tokenizer) for e in exs}  # noqa: E731
+    return show(trained), show(held)
 
 
 def _kto_record(record: Preference, chosen: bool) -> Preference:

@@ -18,8 +18,8 @@ METHODS = ("sft", "dpo", "simpo", "orpo", "kto")  # losses.METHODS plus plain su
 VAL_POINTS = 8  # validations a run makes by default (--val-every 0), besides each epoch end
 
 
-def _opt(default: Any, help: str, flag: str | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "flag": flag})
+def _opt(default: Any, help: str, flag: str | None = None, metavar: str | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "flag": flag, "metavar": metavar})
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ class TrainSettings:
     from_run: str | None = _opt(
         None, "continue the adapter of this SFT run (its base, LoRA shape and template); the "
         "frozen run is the preference reference. Without it the reference is the base",
-        flag="--from")
+        flag="--from", metavar="RUN")
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "--epochs must be positive")
