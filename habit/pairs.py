@@ -251,7 +251,7 @@ def _pair_metrics(policy, reference, counts, roles: Sequence[str], beta: float, 
         return row
     good = [k for k, role in enumerate(roles) if role == "desirable"]
     bad = [k for k, role in enumerate(roles) if role == "undesirable"]
-    mean = lambda idx, x: float(x[idx].mean()) if idx else None  # noqa: E731
+    mean = lambda idx, x: float(x[idx].mean()) if idx else None
     return {"rewards_desirable": mean(good, reward[:, 0]) if compared else None,
             "rewards_undesirable": mean(bad, reward[:, 0]) if compared else None,
             "logps_desirable": mean(good, policy[:, 0]), "logps_undesirable": mean(bad, policy[:, 0])}

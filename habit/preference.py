@@ -483,8 +483,8 @@ class PreferenceObjective:
             raise HabitError(f"{table.source}: every record has an answer longer than --max-len "
                              f"{settings.max_len}")
         self.units = train_u + val_u
-        flat = lambda units: [s for u in units for s in u.sides]  # noqa: E731
-        liked = lambda rs: [r.chosen for r in rs if r.rejected is not None or r.label]  # noqa: E731
+        flat = lambda units: [s for u in units for s in u.sides]
+        liked = lambda rs: [r.chosen for r in rs if r.rejected is not None or r.label]
         return training.Setup(accelerator, dtype, need, base, tokenizer, template, stop,
                               liked(train_r), liked(val_r), flat(train_u), flat(val_u),
                               dropped, val_dropped)
@@ -625,7 +625,7 @@ def sft_split(from_info: dict | None, tokenizer):
         return None
     like = Template.from_dict(from_info["template"])
     trained, held = split(table, s["val_frac"], s["seed"])
-    show = lambda exs: {render.example_prompt(e, like, tokenizer) for e in exs}  # noqa: E731
+    show = lambda exs: {render.example_prompt(e, like, tokenizer) for e in exs}
     return show(trained), show(held)
 
 

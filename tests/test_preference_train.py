@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from habit import adapters, losses, models, preference, render, rundir, training
+from habit import adapters, models, preference, render, rundir, training
 from habit.data import Example, load_examples, load_preferences
 from habit.errors import HabitError
 from habit.settings import LoraSettings, TrainSettings
@@ -64,7 +64,7 @@ def one_by_one(model, side) -> float:
 
 def test_answers_render_as_sft_examples(loaded, tiny_model):
     """A pair's answers are SFT examples of the same prompt: same ids, same loss mask, EOS last."""
-    model, tok, template, units = loaded
+    _, tok, _, units = loaded
     stop = models.stop_ids(tok)
     sft = render.encode(Example({"act": "Lighthouse Keeper", "prompt": PAIRS[0][1]}),
                         render.Template("chat", "{act}", "prompt"), tok, stop)
@@ -157,7 +157,7 @@ def test_each_loss_on_a_toy_batch_equals_the_hand_computed_value(loaded, method)
         elif method == "simpo":
             expected.append(-math.log(sigmoid(beta * (c / nc - r / nr) - 0.5)))
         else:
-            odds = lambda m: m - math.log(1 - math.exp(m))  # noqa: E731
+            odds = lambda m: m - math.log(1 - math.exp(m))
             expected.append(-c / nc - beta * math.log(sigmoid(odds(c / nc) - odds(r / nr))))
     assert count == len(expected)
     assert float(loss) == pytest.approx(sum(expected), rel=1e-5)
