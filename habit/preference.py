@@ -449,14 +449,14 @@ _STATS = {"pairs": ("rewards_chosen", "rewards_rejected", "reward_accuracy", "ma
 
 class PreferenceObjective:
     """training.Objective's methods for a preference loss (see that class); built once per run by
-    `objective`, it holds the run's records, reference cache and the step's KTO reference point."""
+    `objective`; setup fills in the run's encoded records, start the reference cache, and each
+    step its KTO reference point and the stats `logged` reports."""
 
     def __init__(self, method: str, beta: float, from_run: str | None, like: Template | None,
                  from_info: dict | None):
         self.name, self.method, self.beta = method, method, beta
         self.from_run, self.like, self.from_info = from_run, like, from_info
         self.units: list[Unit] = []  # train then validation, numbered in that order
-        self.table = None
         self.fn = Loss(method, beta)
         self.z0 = 0.0
         self.idle = False
@@ -467,7 +467,7 @@ class PreferenceObjective:
     def setup(self, table: PreferenceTable, run: Path, source, lora, settings):
         from habit import models, training
 
-        self.table, self.micro_tokens = table, settings.micro_tokens
+        self.micro_tokens = settings.micro_tokens
         accelerator, dtype, need, base, tokenizer = training.runtime(run, source, lora, settings)
         template = pair_template(table, tokenizer, self.like)
         stop = models.stop_ids(tokenizer, base)

@@ -119,6 +119,34 @@ def test_fast_paths_give_the_plain_log_probs_and_gradients(loaded):
     torch.testing.assert_close(quick, plain, atol=1e-4, rtol=1e-5)
 
 
+def test_a_shared_system_prompt_is_computed_once_and_changes_no_log_prob(loaded, tmp_path):
+    """Chat pairs with one system prompt: the packed path holds it once a pass (fastpath's shared
+    prefix); every answer's log-prob is still its own."""
+    import dataclasses
+
+    from habit import fastpath
+
+    model, tok, _, _ = loaded
+    system = {"role": "system", "content": "You are a travel guide. Answer like a poet."}
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"prompt": [system, {"role": "user", "content": p}],
+                                        "chosen": c, "rejected": r}) + "\n" for p, c, r in PAIRS))
+    table = load_preferences(str(path))
+    template = preference.pair_template(table, tok)
+    assert template == render.Template("chat", None, None)
+    units, _ = preference.encode_units(table.records, template, tok, models.stop_ids(tok), 256)
+    prefix = fastpath.shared_prefix([s for u in units for s in u.sides])
+    assert prefix >= fastpath.MIN_SHARED_PREFIX
+    fast = dataclasses.replace(fastpath.setup(model), prefix=prefix)
+    batch = preference.plan_units(units, 512, 1024, 0, 0)[0]
+    agreed, diff = training.check_fast(model, batch, tok.pad_token_id, "cpu", fast, preference.logprob_loss)
+    assert agreed and diff < 1e-4, diff
+    with torch.no_grad():
+        sides, sums, _ = preference.sequence_logprobs(model, batch, tok.pad_token_id, "cpu", fast)
+    for side, value in zip(sides, sums.tolist()):
+        assert value == pytest.approx(one_by_one(model, side), abs=1e-3)
+
+
 def sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x))
 
