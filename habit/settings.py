@@ -88,6 +88,10 @@ class TrainSettings:
     grad_checkpointing: str = _opt(
         "auto", "auto | on | off: recompute activations in the backward pass instead of keeping "
         "them (auto: on when the memory estimate says they would not fit)")
+    shard: str = _opt(
+        "none", "none | fsdp: under torchrun or accelerate launch, shard the base and the adapter "
+        "across the processes with FSDP2 (for bases too big to hold once a process; the default "
+        "replicates them, DDP)")
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "--epochs must be positive")
@@ -118,6 +122,12 @@ class TrainSettings:
         _check(self.quantize in ("none", "nf4"), "--quantize must be none or nf4")
         _check(self.grad_checkpointing in ("auto", "on", "off"),
                "--grad-checkpointing must be auto, on or off")
+        _check(self.shard in ("none", "fsdp"), "--shard must be none or fsdp")
+        _check(not (self.shard == "fsdp" and self.eval_every),
+               "--eval-every cannot run with --shard fsdp (its generation runs on one process, and "
+               "a sharded model needs every process in each forward)")
+        _check(not (self.shard == "fsdp" and self.quantize != "none"),
+               "--shard fsdp cannot shard a --quantize nf4 base")
 
 
 @dataclass(frozen=True)

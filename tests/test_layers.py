@@ -13,7 +13,7 @@ LAYERS = [
     {"settings", "metrics", "rundir", "allocator", "archs", "losses"},
     {"data", "models", "memory"},
     {"render"},
-    {"adapters", "fastpath"},
+    {"adapters", "fastpath", "sharding"},
     {"training", "generation", "constrain"},
     {"evaluate", "report", "export", "ollama", "engine", "serve", "serve_api", "bench", "bench_workers"},
     {"cli"},
