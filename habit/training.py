@@ -578,7 +578,7 @@ def prepare(s: Setup, p: Plan, lora: LoraSettings, settings: TrainSettings,
 def _fast_paths(s: Setup, p: Plan, model, settings: TrainSettings) -> tuple[fastpath.FastPaths, float | None]:
     """The fast paths this run may use, and their largest difference from the plain path on the
     first step (None when none is on). All of them off when that check fails."""
-    fast = fastpath.FastPaths() if settings.plain_path else fastpath.setup(model)
+    fast = fastpath.FastPaths() if settings.plain_path else fastpath.setup(model, s.device.type)
     if s.need.checkpointing:
         adapters.checkpoint_activations(model)
         # the recomputation runs inside the backward, outside a pass's fast-path context, and would

@@ -427,3 +427,33 @@ def test_the_check_catches_a_wrong_lora_a_gradient(tiny, monkeypatch):
     ok, diff = training.check_fast(model, batch, tok.pad_token_id, torch.device("cpu"), fast)
     assert not ok and diff > 1e-3
     assert all(float(p.detach().abs().max()) == 0 for n, p in model.named_parameters() if "lora_B" in n)  # restored
+
+
+def test_device_selection_keeps_cpu_paths_off_a_gpu(tiny_model, monkeypatch):
+    """The CPU-measured fast paths (packed attention, merged LoRA) stay off on CUDA; the chunked
+    head loss (a memory saving) stays on; flash-attention is chosen only on CUDA, in a half
+    dtype, when installed."""
+    import importlib.util
+
+    import torch
+
+    from habit import adapters, models
+    from habit.settings import LoraSettings
+
+    model, _ = models.load_model(tiny_model, dtype=torch.float32)
+    model = adapters.attach(model, LoraSettings())
+    gpu = fastpath.setup(model, "cuda")
+    assert not gpu.attention and not gpu.lora and gpu.head is not None
+    assert model.config._attn_implementation == "sdpa"  # setup on cuda registered nothing
+    cpu = fastpath.setup(model, "cpu")
+    assert cpu.attention and cpu.lora and cpu.head is not None
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "flash_attn" else real(name, *a))
+    assert models.attention_for("cuda:0", torch.bfloat16) == "flash_attention_2"
+    assert models.attention_for("cuda", torch.float32) == "sdpa"
+    assert models.attention_for("cpu", torch.bfloat16) == "sdpa"
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    assert models.attention_for("cuda", torch.bfloat16) == "sdpa"

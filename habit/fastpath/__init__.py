@@ -77,6 +77,14 @@ class FastPaths:
             yield
 
 
-def setup(model) -> FastPaths:
-    """Every fast path the model allows; training checks them against the plain path."""
+def setup(model, device_type: str = "cpu") -> FastPaths:
+    """Every fast path the model allows on this device; training checks them against the plain path.
+
+    Packed attention and merged LoRA were measured faster on CPUs only, so on a GPU they stay off:
+    the model's own attention takes the packed rows there (flash-attention's varlen kernel where
+    it is installed, models.attention_for; else sdpa with the block mask transformers builds from
+    the restarting position ids), and PEFT's LoRA layers run as they are. The chunked head loss
+    stays on everywhere: it is a memory saving first (no logits for every target at once)."""
+    if device_type != "cpu":
+        return FastPaths(head=plain_head(model))
     return FastPaths(attention=use_packed_attention(model), lora=lora_layers(model), head=plain_head(model))
