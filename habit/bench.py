@@ -77,7 +77,7 @@ class BenchOptions:
     data: str = _opt("../shared/data/prompts.csv", "an act,prompt table (the tutorial's columns)")
     tokens: int = _opt(20000, "real (non-pad) training tokens each variant consumes")
     only: str = _opt("all", "variants to run, a comma list or all: " + ", ".join(VARIANTS))
-    max_len: int = _opt(TrainSettings.max_len, "longest example in tokens (the recipe and TRL truncate)")
+    max_len: int = _opt(TrainSettings().max_len, "longest example in tokens (the recipe and TRL truncate)")
     timeout: int = _opt(3600, "seconds one variant may run before it is stopped and recorded as such")
     peak_size: int = _opt(0, "side of the square matmul that measures the peak (0: 2048 on CPU, 8192 on CUDA)")
     train: bool = _opt(False, "run the training table too when --scale or --generation is given")

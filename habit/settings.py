@@ -60,8 +60,9 @@ class TrainSettings:
         1024, "most tokens in one forward/backward pass (memory): a micro-batch runs as passes of "
         "whole packed rows, at least one; the gradient is the same")
     max_len: int = _opt(
-        1024, "longest example in tokens; longer examples are dropped (never cut: a cut loses EOS)"
-    )
+        0, "longest example in tokens; longer examples are dropped (never cut: a cut loses EOS). "
+        "0: the most one micro-batch holds (--batch-tokens / --grad-accum), so only examples no "
+        "step could hold are dropped; rows are as wide as the longest kept example needs")
     val_frac: float = _opt(0.1, "fraction of examples held out for validation (split by input)")
     seed: int = _opt(0, "random seed for LoRA init, data order and split")
     weight_decay: float = _opt(0.0, "AdamW weight decay on the LoRA weights")
@@ -101,7 +102,9 @@ class TrainSettings:
         _check(self.batch_tokens >= 16, "--batch-tokens must be at least 16")
         _check(self.grad_accum >= 1, "--grad-accum must be at least 1")
         _check(self.micro_tokens >= 1, "--micro-tokens must be at least 1")
-        _check(self.max_len >= 8, "--max-len must be at least 8")
+        _check(self.max_len == 0 or self.max_len >= 8, "--max-len must be 0 (from the batch) or at least 8")
+        if self.max_len == 0:  # resolved here, so run.json records (and a resume reuses) the number
+            object.__setattr__(self, "max_len", max(8, self.batch_tokens // max(1, self.grad_accum)))
         _check(
             self.batch_tokens // self.grad_accum >= self.max_len,
             f"--batch-tokens/--grad-accum ({self.batch_tokens // self.grad_accum}) must be at least "
