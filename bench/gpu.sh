@@ -43,6 +43,10 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_de
       f"bf16 {torch.cuda.is_bf16_supported()}")
 EOF
 
+# the GPU-marked tests first (tests/test_gpu.py: the GPU paths, QLoRA, checkpointing on CUDA)
+timeout 900 "$VENV/bin/pip" install -q -e ".[test]"
+timeout 900 "$VENV/bin/python" -m pytest -q -m gpu tests/test_gpu.py | tee gpu-tests.txt
+
 timeout "$LIMIT" "$VENV/bin/habit" bench --data "$DATA" --tokens "$TOKENS" --timeout 1200 \
   --out "$OUT" --json "$@" > bench-gpu.json
 

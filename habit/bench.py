@@ -50,6 +50,9 @@ VARIANTS = {
     "trl": "TRL SFTTrainer, prompt/completion + EOS (completion-only loss), TRL defaults, "
            "LoRA as habit's, batch 4, lr 2e-4 (TRL's LoRA guide; its 2e-5 default is for full fine-tuning)",
     "trl-packing": "as trl, packing=True (BFD, padding-free)",
+    "trl-matched": "TRL SFTTrainer with habit's hyperparameters: packed padding-free rows of --batch-tokens "
+                   "(2048) a step, lr 1e-3, 5% warm-up then cosine to 10%, clip 1.0, no gradient "
+                   "checkpointing, LoRA as habit's, bf16 where fast: the same work as the habit row",
     "habit": "habit.train defaults: packed rows, bf16 where fast, fast paths (attention per example, "
              "merged LoRA, chunked head loss, the shared system-prompt prefix computed once a pass), "
              "passes of ≤1024 tokens",
@@ -57,10 +60,11 @@ VARIANTS = {
                    "PEFT's LoRA forward, full logits at targets)",
     "habit-sysmalloc": "habit.train defaults on the system malloc (HABIT_MALLOC=system): what tcmalloc adds",
     "habit-fp32": "habit.train --precision fp32",
-    "habit-qlora": "habit.train on a 4-bit NF4 base (bitsandbytes; CUDA only)",
+    "habit-qlora": "habit.train --quantize nf4: the base in 4-bit NF4 (bitsandbytes, CPU and CUDA)",
 }
 FLOPS_FORMULA = ("FLOPs/token = 4·N_frozen + 6·N_lora + 6·layers·d_attn·s̄  (N_frozen: every matmul weight "
-                 "incl. lm_head, forward + input grads; N_lora: adapter weights, + weight grads; "
+                 "incl. lm_head, forward + input grads, the lm_head counted only on the tokens it runs on: "
+                 "habit's at targets, the Trainer rows' at every token; N_lora: adapter weights, + weight grads; "
                  "causal attention over the mean example length s̄), times the fraction of real tokens "
                  "the model ran on (habit computes a prefix shared by all examples once a pass)")
 
@@ -77,7 +81,9 @@ class BenchOptions:
     data: str = _opt("../shared/data/prompts.csv", "an act,prompt table (the tutorial's columns)")
     tokens: int = _opt(20000, "real (non-pad) training tokens each variant consumes")
     only: str = _opt("all", "variants to run, a comma list or all: " + ", ".join(VARIANTS))
-    max_len: int = _opt(TrainSettings.max_len, "longest example in tokens (the recipe and TRL truncate)")
+    max_len: int = _opt(TrainSettings().max_len, "longest example in tokens (the recipe and TRL truncate)")
+    repeats: int = _opt(1, "runs of each training variant, interleaved (A B C A B C ...); the table "
+                        "shows the median and the best tokens/s and the median held-out loss")
     timeout: int = _opt(3600, "seconds one variant may run before it is stopped and recorded as such")
     peak_size: int = _opt(0, "side of the square matmul that measures the peak (0: 2048 on CPU, 8192 on CUDA)")
     train: bool = _opt(False, "run the training table too when --scale or --generation is given")
@@ -96,6 +102,7 @@ class BenchOptions:
                 raise HabitError(message)
 
         check(self.tokens >= 1, "--tokens must be at least 1")
+        check(self.repeats >= 1, "--repeats must be at least 1")
         check(self.timeout >= 1, "--timeout must be at least 1")
         check(self.max_len >= 8, "--max-len must be at least 8")
         check(self.peak_size >= 0, "--peak-size must not be negative")
@@ -236,27 +243,44 @@ def run(options: BenchOptions = BenchOptions(), say: Callable[[str], None] = lam
 
 
 def train_rows(options: BenchOptions, work: Path, peak: dict, say: Callable[[str], None]) -> list[dict]:
-    rows = []
-    for name in options.variants():
-        say(f"{name}: training {options.tokens} real tokens")
-        skip = _skip_reason(name, peak)
-        found = {"skipped": skip} if skip else spawn(name, options, work, options.timeout)
-        rows.append(_row(name, found, peak["peak_gflops"]))
-        r = rows[-1]
-        say(f"{name}: " + (f"{r['tokens_per_s']:.1f} tokens/s, held-out loss {_fmt(r['heldout_loss'], 3)}"
-                           if r["tokens_per_s"] else r["note"]))
+    """Each variant's row; with --repeats N the variants run interleaved N times (a slow moment on
+    the machine then lands on every variant alike) and a row is their median."""
+    runs: dict[str, list[dict]] = {name: [] for name in options.variants()}
+    for k in range(options.repeats):
+        for name in options.variants():
+            say(f"{name}: training {options.tokens} real tokens" + (f" (run {k + 1}/{options.repeats})"
+                                                                     if options.repeats > 1 else ""))
+            skip = _skip_reason(name, peak)
+            found = {"skipped": skip} if skip else spawn(name, options, work / f"run-{k}", options.timeout)
+            runs[name].append(_row(name, found, peak["peak_gflops"]))
+            r = runs[name][-1]
+            say(f"{name}: " + (f"{r['tokens_per_s']:.1f} tokens/s, held-out loss {_fmt(r['heldout_loss'], 3)}"
+                               if r["tokens_per_s"] else r["note"]))
+    rows = [median_row(found) for found in runs.values()]
     recipe = next((r["tokens_per_s"] for r in rows if r["name"] == "recipe"), None)
     for r in rows:
         r["ratio"] = round(r["tokens_per_s"] / recipe, 3) if recipe and r["tokens_per_s"] else None
     return rows
 
 
+def median_row(runs: list[dict]) -> dict:
+    """One row from several runs of a variant: the run with the median tokens/s (its other figures
+    come with it), the best tokens/s, the median held-out loss, and every run's tokens/s."""
+    done = sorted((r for r in runs if r["tokens_per_s"]), key=lambda r: r["tokens_per_s"])
+    if not done:
+        return {**runs[0], "best_tokens_per_s": None, "runs": len(runs), "run_tokens_per_s": []}
+    mid = done[(len(done) - 1) // 2]
+    losses = sorted(r["heldout_loss"] for r in done if r["heldout_loss"] is not None)
+    return {**mid, "best_tokens_per_s": done[-1]["tokens_per_s"], "runs": len(done),
+            "heldout_loss": losses[(len(losses) - 1) // 2] if losses else None,
+            "run_tokens_per_s": [r["tokens_per_s"] for r in runs]}
+
+
 def _skip_reason(name: str, peak: dict) -> str | None:
     if name == "habit-fp32" and peak["auto_dtype"] == "fp32":
         return "skipped: habit already trains in fp32 on this machine"
-    if name == "habit-qlora" and (peak["machine"]["device"] == "cpu"
-                                  or importlib.util.find_spec("bitsandbytes") is None):
-        return "skipped: needs CUDA and bitsandbytes"
+    if name == "habit-qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        return "skipped: needs bitsandbytes (pip install 'habit[nf4]')"
     return None
 
 
@@ -290,7 +314,7 @@ def _round(x, digits: int):
 
 # Rows that run on the system malloc: the tutorial's recipe and TRL as their users run them (plain
 # python), and habit without the tcmalloc its command loads (see habit.allocator).
-SYSTEM_MALLOC = ("recipe", "trl", "trl-packing", "habit-sysmalloc")
+SYSTEM_MALLOC = ("recipe", "trl", "trl-packing", "trl-matched", "habit-sysmalloc")
 
 
 def malloc_env(kind: str) -> dict:
@@ -346,12 +370,13 @@ def _fmt(x, digits: int = 1, suffix: str = "") -> str:
     return "–" if x is None else f"{x:.{digits}f}{suffix}"
 
 
-COLUMNS = ("variant", "real tokens/s", "vs recipe", "step s", "peak RSS MB", "MFU", "held-out loss", "dtype",
+COLUMNS = ("variant", "real tokens/s", "best", "runs", "vs recipe", "step s", "peak RSS MB", "MFU", "held-out loss", "dtype",
            "malloc")
 
 
 def table_cells(row: dict) -> list[str]:
-    return [row["name"], _fmt(row["tokens_per_s"]), _fmt(row["ratio"], 2, "x"), _fmt(row["step_s"], 2),
+    return [row["name"], _fmt(row["tokens_per_s"]), _fmt(row.get("best_tokens_per_s")), str(row.get("runs", 1)),
+            _fmt(row["ratio"], 2, "x"), _fmt(row["step_s"], 2),
             _fmt(row["peak_rss_mb"], 0), _fmt(None if row["mfu"] is None else 100 * row["mfu"], 1, "%"),
             _fmt(row["heldout_loss"], 3), row["dtype"] or "–", row.get("malloc") or "–"]
 
@@ -375,7 +400,8 @@ def markdown(result: dict, out: str | None = None) -> dict[str, str]:
                  f"Model `{result['model']}`, data `{result['data']}` (90% train / 10% held out, seed 0). {head}", "",
                  "| " + " | ".join(COLUMNS) + " | note |", "|" + "---|" * (len(COLUMNS) + 1)]
         lines += ["| " + " | ".join(table_cells(r) + [r["note"].replace("|", "/")]) + " |" for r in result["rows"]]
-        lines += ["", "Real tokens/s: non-pad tokens of steps 2..n over their wall time (step 1 is warm-up). "
+        lines += ["", "Real tokens/s: non-pad tokens of steps 2..n over their wall time (step 1 is warm-up); "
+                  "with several runs a row is the median run, best is the fastest. "
                   f"MFU: tokens/s x model FLOPs per token / the matmul peak of the row's dtype; {FLOPS_FORMULA}. "
                   "Held-out loss: response + EOS tokens of the held-out split, each adapter on an fp32 base, "
                   "scored by habit's render + eval_loss. Malloc: the recipe and TRL run on the system's, as "

@@ -9,7 +9,6 @@ training worker is clocked at the same point of its step and reports through `_f
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import importlib.util
@@ -96,8 +95,9 @@ def worker_peak(spec: dict) -> dict:
                         "reps": reps}}
 
 
-def _model_flops(folder: str, adapter: Path, mean_len: float) -> float:
-    """flops_per_token for a base (its matmul weights, counted on the meta device) + an adapter."""
+def _model_flops(folder: str, adapter: Path, mean_len: float, head_share: float = 1.0) -> float:
+    """flops_per_token for a base (its matmul weights, counted on the meta device) + an adapter.
+    `head_share`: the fraction of tokens the lm_head runs on (habit: only where a target is)."""
     import torch
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -106,6 +106,8 @@ def _model_flops(folder: str, adapter: Path, mean_len: float) -> float:
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     n_frozen = sum(m.in_features * m.out_features for m in skeleton.modules() if isinstance(m, torch.nn.Linear))
+    head = skeleton.get_output_embeddings()
+    n_frozen -= (1 - head_share) * head.in_features * head.out_features
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
         n_lora = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     text = config.get_text_config()
@@ -132,10 +134,11 @@ def heldout_loss(spec: dict, adapter: Path) -> float | None:
 
 
 def _finish(spec: dict, marks: list, folder: str, adapter: Path, dtype: str, mean_len: float, seconds: float,
-            computed: float = 1.0) -> dict:
+            computed: float = 1.0, head_share: float = 1.0) -> dict:
     """What every training worker reports: speed from marks, memory now, then the held-out loss.
     `computed`: the fraction of the real tokens the model ran on (habit computes a shared prefix
-    once a pass), so MFU counts the FLOPs done, not those saved."""
+    once a pass), so MFU counts the FLOPs done, not those saved; `head_share` likewise for the
+    lm_head (habit runs it at targets only; the Trainer rows make logits for every token)."""
     import torch
 
     rate, step_s = steady_rate(marks)
@@ -143,7 +146,7 @@ def _finish(spec: dict, marks: list, folder: str, adapter: Path, dtype: str, mea
            "peak_rss_mb": _peak_rss_mb(), "dtype": dtype, "seconds": round(seconds, 2),
            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None}
     gc.collect()
-    out["flops_per_token"] = _model_flops(folder, adapter, mean_len) * computed
+    out["flops_per_token"] = _model_flops(folder, adapter, mean_len, head_share) * computed
     out["heldout_loss"] = heldout_loss(spec, adapter)
     return out
 
@@ -221,8 +224,10 @@ def worker_recipe(spec: dict) -> dict:
     return _finish(spec, clock.marks, folder, adapter, "fp32", mean_len, seconds)
 
 
-def worker_trl(spec: dict, packing: bool = False) -> dict:
-    """TRL's SFTTrainer as a peer: prompt/completion data, its defaults, LoRA as habit's."""
+def worker_trl(spec: dict, packing: bool = False, matched: bool = False) -> dict:
+    """TRL's SFTTrainer as a peer: prompt/completion data, its defaults, LoRA as habit's. `matched`:
+    habit's hyperparameters instead (tokens a step, lr and schedule, clipping, no checkpointing),
+    so the row differs from habit's in the implementation only."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -240,14 +245,24 @@ def worker_trl(spec: dict, packing: bool = False) -> dict:
     mean_len = sum(lengths) / len(lengths)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     lora = LoraSettings()
-    config = SFTConfig(**_trainer_args(spec, "trl"), bf16=bf16, fp16=False, learning_rate=2e-4,
-                       max_length=spec["max_len"], packing=packing, max_steps=2)
+    hyper = dict(learning_rate=2e-4, max_length=spec["max_len"], packing=packing)
+    if matched:
+        s = TrainSettings()
+        # one packed row of --batch-tokens a step, as habit's step holds --batch-tokens
+        hyper = dict(learning_rate=s.lr, max_length=s.batch_tokens, packing=True, padding_free=True,
+                     per_device_train_batch_size=1, warmup_steps=s.warmup, max_grad_norm=s.max_grad_norm,
+                     weight_decay=s.weight_decay, lr_scheduler_type="cosine_with_min_lr",
+                     lr_scheduler_kwargs={"min_lr_rate": 0.1}, gradient_checkpointing=False)
+    config = SFTConfig(**{**_trainer_args(spec, "trl"), **hyper}, bf16=bf16, fp16=False, max_steps=2)
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          peft_config=LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                 target_modules=lora.target_modules(), task_type="CAUSAL_LM"))
     # the step count needs the tokenized (packed) dataset, which only the trainer builds
     sizes = [len(ids) for ids in trainer.train_dataset["input_ids"]]
-    trainer.args.max_steps = _max_steps(spec["tokens"], sum(sizes) / len(sizes) * min(4, len(sizes)))
+    per_step = sum(sizes) / len(sizes) * min(config.per_device_train_batch_size, len(sizes))
+    # matched: the schedule ends where the tokens do, as habit's does; else a margin past them
+    trainer.args.max_steps = (max(2, math.ceil(spec["tokens"] / per_step)) if matched
+                              else _max_steps(spec["tokens"], per_step))
     clock = _clock(trainer, spec["tokens"])
     start = time.perf_counter()
     trainer.train()
@@ -303,50 +318,23 @@ def worker_habit(spec: dict, precision: str = "auto", qlora: bool = False, plain
     device = _device()
     source = models.resolve(spec["model"])
     folder = models.model_dir(source)
-    if qlora and (device != "cuda" or importlib.util.find_spec("bitsandbytes") is None):
-        return {"skipped": "skipped: needs CUDA and bitsandbytes"}
+    if qlora and importlib.util.find_spec("bitsandbytes") is None:
+        return {"skipped": "skipped: needs bitsandbytes (pip install 'habit[nf4]')"}
     tokenizer = models.load_tokenizer(source)
     template = render.choose_template(table, tokenizer)
     enc, _ = render.encode_all(train_ex, template, tokenizer, models.stop_ids(tokenizer), spec["max_len"])
     steps = habit_steps(enc, spec["tokens"], spec["max_len"])
     settings = TrainSettings(steps=steps, val_frac=0.0, save_every=10**9, precision=precision,
-                             max_len=spec["max_len"], plain_path=plain)
+                             max_len=spec["max_len"], plain_path=plain, quantize="nf4" if qlora else "none")
     run = Path(spec["work"]) / "run"
-    with _base_in_4bit() if qlora else contextlib.nullcontext():
-        rows = _train_habit(_only_train(table, train_ex), run, spec["model"], settings)
+    rows = _train_habit(_only_train(table, train_ex), run, spec["model"], settings)
     dtype = models.best_dtype(precision, device)
     name = "bf16" if dtype == torch.bfloat16 else "fp32"
+    tokens = sum(len(e) for e in enc)
+    targets = sum(sum(e.loss[1:]) for e in enc)
     return _finish(spec, _marks(rows), folder, run, f"nf4+{name}" if qlora else name,
-                   sum(len(e) for e in enc) / len(enc), rows[-1]["elapsed_s"],
-                   rows[-1]["tokens_computed"] / rows[-1]["tokens"])
-
-
-@contextlib.contextmanager
-def _base_in_4bit():
-    """habit-qlora: habit.train loads its base in 4-bit NF4 inside this block. train() has no
-    hook for a quantized base, so this worker process (and only it) swaps models.load_model for
-    the duration of training; the held-out loss after it loads the usual fp32 base."""
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    def load_4bit(source, dtype=None, device="cpu"):
-        source = models.resolve(source) if isinstance(source, str) else source
-        tokenizer = models.load_tokenizer(source)
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16,
-                                   bnb_4bit_quant_type="nf4")
-        model = AutoModelForCausalLM.from_pretrained(
-            models.model_dir(source), quantization_config=quant, dtype=torch.bfloat16,
-            device_map={"": torch.cuda.current_device()})
-        model.config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.eval()
-        return model, tokenizer
-
-    original, models.load_model = models.load_model, load_4bit
-    try:
-        yield
-    finally:
-        models.load_model = original
+                   tokens / len(enc), rows[-1]["elapsed_s"],
+                   rows[-1]["tokens_computed"] / rows[-1]["tokens"], head_share=targets / tokens)
 
 
 def _synthetic(train_ex, tokenizer, length: int, count: int) -> list[data.Example]:
@@ -448,6 +436,7 @@ def worker_load(spec: dict) -> dict:
 WORKERS = {
     "peak": worker_peak, "recipe": worker_recipe, "trl": worker_trl,
     "trl-packing": lambda spec: worker_trl(spec, packing=True), "habit": worker_habit,
+    "trl-matched": lambda spec: worker_trl(spec, matched=True),
     "habit-plain": lambda spec: worker_habit(spec, plain=True),
     "habit-sysmalloc": worker_habit,
     "habit-fp32": lambda spec: worker_habit(spec, precision="fp32"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from typing import Any, Sequence
@@ -457,6 +458,7 @@ def _token_stats(table, args) -> dict:
     targets = sum(sum(e.loss) for e in kept)
     return {"template": template.describe(), "tokens": sum(lengths), "loss_tokens": targets,
             "length_min": lengths[0], "length_median": lengths[len(lengths) // 2],
+            "length_p99": lengths[min(len(lengths) - 1, math.ceil(0.99 * len(lengths)) - 1)],
             "length_max": lengths[-1], "too_long": dropped}
 
 
@@ -636,7 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_flags(p)
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="tokenizer for token counts ('' skips them)")
-    p.add_argument("--max-len", type=int, default=TrainSettings.max_len, help="as in train")
+    p.add_argument("--max-len", type=int, default=TrainSettings().max_len,
+                   help="as in train: what train's default --batch-tokens holds")
     p.add_argument("--val-frac", type=float, default=TrainSettings.val_frac, help="as in train")
     p.add_argument("--seed", type=int, default=TrainSettings.seed, help="as in train")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")

@@ -247,6 +247,21 @@ def quantization_config(quantize: str, dtype):
                               bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage="uint8")
 
 
+def attention_for(device: str, dtype) -> str:
+    """The attention implementation to load a model with: flash-attention 2 on a CUDA device when
+    the package is installed and the dtype is one it runs (it reads packed rows' restarting
+    position ids as varlen sequences), else sdpa (on a CPU, training swaps in habit's packed
+    attention on top of it, fastpath.attention)."""
+    import importlib.util
+
+    import torch
+
+    if (device.startswith("cuda") and dtype in (torch.bfloat16, torch.float16)
+            and importlib.util.find_spec("flash_attn") is not None):
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def load_model(source: Source | str, dtype=None, device: str = "cpu", quantize: str = "none"):
     """Return (model, tokenizer) for a source, in eval mode, on `device`.
 
@@ -274,7 +289,8 @@ def load_model(source: Source | str, dtype=None, device: str = "cpu", quantize: 
             from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
             loader = MODEL_FOR_CAUSAL_LM_MAPPING[type(extra["config"])]
-        model = loader.from_pretrained(where, dtype=dtype or "float32", **extra)
+        model = loader.from_pretrained(where, dtype=dtype or "float32",
+                                       attn_implementation=attention_for(device, dtype), **extra)
         if where is None:
             _generation_config(model, model_dir(source))
     except HabitError:

@@ -487,7 +487,7 @@ class PreferenceObjective:
         liked = lambda rs: [r.chosen for r in rs if r.rejected is not None or r.label]
         return training.Setup(accelerator, dtype, need, base, tokenizer, template, stop,
                               liked(train_r), liked(val_r), flat(train_u), flat(val_u),
-                              dropped, val_dropped)
+                              dropped, val_dropped, settings.shard)
 
     def width(self, sides, max_len: int) -> int:
         return row_width(group(sides))

@@ -61,8 +61,9 @@ class TrainSettings:
         1024, "most tokens in one forward/backward pass (memory): a micro-batch runs as passes of "
         "whole packed rows, at least one; the gradient is the same")
     max_len: int = _opt(
-        1024, "longest example in tokens; longer examples are dropped (never cut: a cut loses EOS)"
-    )
+        0, "longest example in tokens; longer examples are dropped (never cut: a cut loses EOS). "
+        "0: the most one micro-batch holds (--batch-tokens / --grad-accum), so only examples no "
+        "step could hold are dropped; rows are as wide as the longest kept example needs")
     val_frac: float = _opt(0.1, "fraction of examples held out for validation (split by input)")
     seed: int = _opt(0, "random seed for LoRA init, data order and split")
     weight_decay: float = _opt(0.0, "AdamW weight decay on the LoRA weights")
@@ -89,6 +90,10 @@ class TrainSettings:
     grad_checkpointing: str = _opt(
         "auto", "auto | on | off: recompute activations in the backward pass instead of keeping "
         "them (auto: on when the memory estimate says they would not fit)")
+    shard: str = _opt(
+        "none", "none | fsdp: under torchrun or accelerate launch, shard the base and the adapter "
+        "across the processes with FSDP2 (for bases too big to hold once a process; the default "
+        "replicates them, DDP)")
     method: str = _opt(
         "sft", "sft | dpo | simpo | orpo | kto: what to learn from; the preference losses train on "
         "prompt,chosen,rejected pairs (kto: prompt,completion,label) and teach what not to do")
@@ -108,7 +113,9 @@ class TrainSettings:
         _check(self.batch_tokens >= 16, "--batch-tokens must be at least 16")
         _check(self.grad_accum >= 1, "--grad-accum must be at least 1")
         _check(self.micro_tokens >= 1, "--micro-tokens must be at least 1")
-        _check(self.max_len >= 8, "--max-len must be at least 8")
+        _check(self.max_len == 0 or self.max_len >= 8, "--max-len must be 0 (from the batch) or at least 8")
+        if self.max_len == 0:  # resolved here, so run.json records (and a resume reuses) the number
+            object.__setattr__(self, "max_len", max(8, self.batch_tokens // max(1, self.grad_accum)))
         _check(
             self.batch_tokens // self.grad_accum >= self.max_len,
             f"--batch-tokens/--grad-accum ({self.batch_tokens // self.grad_accum}) must be at least "
@@ -129,10 +136,20 @@ class TrainSettings:
         _check(self.quantize in ("none", "nf4"), "--quantize must be none or nf4")
         _check(self.grad_checkpointing in ("auto", "on", "off"),
                "--grad-checkpointing must be auto, on or off")
+        _check(self.shard in ("none", "fsdp"), "--shard must be none or fsdp")
+        _check(not (self.shard == "fsdp" and self.eval_every),
+               "--eval-every cannot run with --shard fsdp (its generation runs on one process, and "
+               "a sharded model needs every process in each forward)")
+        _check(not (self.shard == "fsdp" and self.quantize != "none"),
+               "--shard fsdp cannot shard a --quantize nf4 base")
         _check(self.method in METHODS, "--method must be " + ", ".join(METHODS[:-1]) + " or kto")
         _check(self.beta is None or self.beta > 0, "--beta must be positive")
         _check(self.from_run is None or self.method != "sft",
                "--from continues a run with a preference loss; give --method dpo, simpo, orpo or kto")
+        # the reference cache and KTO's reference point run forwards some processes skip, which a
+        # sharded model (every process in every forward) cannot
+        _check(not (self.shard == "fsdp" and self.method != "sft"),
+               "--shard fsdp trains --method sft only; preference losses run replicated (DDP)")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from habit import adapters, allocator, fastpath, memory, metrics, models, rundir
+from habit import adapters, allocator, fastpath, memory, metrics, models, rundir, sharding
 from habit.data import Example, Table, split
 from habit.errors import HabitError, Interrupted
 from habit.render import Encoded, Template, choose_template, encode_all
@@ -230,10 +230,12 @@ def _lora_b_perturbed(model, std: float = 0.02):
 FAST_TOLERANCE_BF16 = (1e-2, 0.25)
 
 
-def eval_sums(model, batches: Sequence[Batch], pad_id: int, device,
-              fast: fastpath.FastPaths | None = None, loss_fn: Callable | None = None) -> tuple[float, int]:
-    """(summed response-token loss, number of targets) over the batches, without gradients
-    (`loss_fn`: another objective's pass loss, batch_loss's signature)."""
+def eval_sums(model, batches: Sequence[Batch | None], pad_id: int, device,
+              fast: fastpath.FastPaths | None = None, filler: Batch | None = None,
+              loss_fn: Callable | None = None) -> tuple[float, int]:
+    """(summed response-token loss, number of targets) over the batches, without gradients. A
+    None batch runs `filler` uncounted (a sharded model needs the same forwards on every process).
+    `loss_fn`: another objective's pass loss, batch_loss's signature."""
     import torch
 
     total, count = 0.0, 0
@@ -241,9 +243,10 @@ def eval_sums(model, batches: Sequence[Batch], pad_id: int, device,
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            loss, n = (loss_fn or batch_loss)(model, batch, pad_id, device, fast)
-            total += float(loss)
-            count += n
+            loss, n = (loss_fn or batch_loss)(model, batch or filler, pad_id, device, fast)
+            if batch is not None:
+                total += float(loss)
+                count += n
     model.train(was_training)
     return total, count
 
@@ -507,6 +510,7 @@ class Setup:
     val_enc: list
     dropped: list  # (example, tokens) too long for --max-len
     val_dropped: list
+    shard: str = "none"
 
     @property
     def device(self):
@@ -528,6 +532,11 @@ class Setup:
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
+    @property
+    def sharded(self) -> bool:
+        """--shard fsdp with several processes (one process has nothing to shard across)."""
+        return self.shard == "fsdp" and self.world > 1
+
 
 def setup(table: Table, run: Path, source: models.Source, lora: LoraSettings,
           settings: TrainSettings) -> Setup:
@@ -544,7 +553,7 @@ def setup(table: Table, run: Path, source: models.Source, lora: LoraSettings,
     if not train_enc:
         raise HabitError(f"{table.source}: every example is longer than --max-len {settings.max_len}")
     return Setup(accelerator, dtype, need, base, tokenizer, template, stop, train_ex, val_ex,
-                 train_enc, val_enc, dropped, val_dropped)
+                 train_enc, val_enc, dropped, val_dropped, settings.shard)
 
 
 def runtime(run: Path, source: models.Source, lora: LoraSettings, settings: TrainSettings):
@@ -558,6 +567,11 @@ def runtime(run: Path, source: models.Source, lora: LoraSettings, settings: Trai
     # on a machine with no GPU would start N independent single-process runs.
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(log_with=log_with, project_dir=str(run), cpu=multi_cpu)
+    if accelerator.distributed_type.name in ("DEEPSPEED", "FSDP"):
+        # both engines take over the parameters in prepare(), after habit has made its fp32
+        # masters; --shard fsdp is the sharding habit runs and tests
+        raise HabitError(f"accelerate's {accelerator.distributed_type.name} engine is not supported: "
+                         "launch with a plain multi-GPU (DDP) config and add --shard fsdp")
     set_seed(settings.seed)
     device = accelerator.device
     dtype = models.best_dtype(settings.precision, device.type)
@@ -619,6 +633,8 @@ def prepare(s: Setup, p: Plan, lora: LoraSettings, settings: TrainSettings,
     model = objective.adapter(s.base, lora)
     model.train()
     fast, fast_diff = _fast_paths(s, p, model, settings, objective.check_loss)
+    if s.sharded:
+        model = sharding.shard(model, s.dtype)  # fp32 LoRA shards: MasterWeights then holds no copies
     weights = MasterWeights([(n, q) for n, q in model.named_parameters() if q.requires_grad])
     # fused: one kernel per tensor instead of ~10 ops (a CPU step spent ~60 ms in the optimizer)
     optimizer = torch.optim.AdamW(weights.master, lr=settings.lr, weight_decay=settings.weight_decay,
@@ -628,7 +644,8 @@ def prepare(s: Setup, p: Plan, lora: LoraSettings, settings: TrainSettings,
     if checkpoint is not None:
         t.step, t.seen_tokens = load_checkpoint(checkpoint, weights, optimizer, scheduler, t.best)
         t.computed_tokens = t.seen_tokens
-    t.model, t.optimizer = s.accelerator.prepare(model, optimizer)
+    if not s.sharded:  # DDP where there are several processes; a sharded model is already distributed
+        t.model, t.optimizer = s.accelerator.prepare(model, optimizer)
     return t
 
 
@@ -636,7 +653,7 @@ def _fast_paths(s: Setup, p: Plan, model, settings: TrainSettings,
                 loss_fn: Callable) -> tuple[fastpath.FastPaths, float | None]:
     """The fast paths this run may use, and their largest difference from the plain path on the
     first step (None when none is on). All of them off when that check fails."""
-    fast = fastpath.FastPaths() if settings.plain_path else fastpath.setup(model)
+    fast = fastpath.FastPaths() if settings.plain_path else fastpath.setup(model, s.device.type)
     if s.need.checkpointing:
         adapters.checkpoint_activations(model)
         # the recomputation runs inside the backward, outside a pass's fast-path context, and would
@@ -644,7 +661,7 @@ def _fast_paths(s: Setup, p: Plan, model, settings: TrainSettings,
         fast = dataclasses.replace(fast, lora=())
     if fast.attention:
         fast = dataclasses.replace(fast, prefix=fastpath.shared_prefix(s.train_enc + s.val_enc))
-    if s.accelerator.distributed_type.name in ("DEEPSPEED", "FSDP"):
+    if s.sharded:
         # merged LoRA and the head loss read whole weights inside their own backward; ZeRO-3 and
         # FSDP shard weights between forward and backward. Attention per example is unaffected.
         fast = fastpath.FastPaths(attention=fast.attention, prefix=fast.prefix)
@@ -676,17 +693,20 @@ def train_step(s: Setup, t: Trainer, step_batch: Batch, settings: TrainSettings,
     my_count = sum(objective.count(b) for b in mine)
     step_loss = 0.0
     work = [part for batch in mine for part in passes(batch, settings.micro_tokens)]
-    idle = not work  # fewer rows than processes: a zero-weight pass still joins DDP's reduction
+    # fewer rows than processes: a zero-weight pass still joins the gradient reduction
+    real = len(work)
     work = work or [Batch(step_batch.rows[:1], step_batch.width)]
-    objective.before_step(s, t, [] if idle else work)
+    objective.before_step(s, t, work[:real])
+    if s.sharded:  # every process runs as many passes: each forward gathers weights from all of them
+        work += [work[0]] * (_most(s.accelerator, len(work)) - len(work))
     with t.fast.fixed_weights():
         for k, part in enumerate(work):
-            sync = k == len(work) - 1  # DDP reduces gradients once, after the step's last pass
-            ctx = s.accelerator.no_sync(t.model) if not sync and s.world > 1 else contextlib.nullcontext()
-            with ctx:
+            sync = k == len(work) - 1  # gradients are reduced once, after the step's last pass
+            weight = scale if k < real else 0.0  # an idle process's pass, or a sharded filler
+            with _no_sync(s, t.model, sync):
                 loss, _ = objective.loss(t.model, part, s.pad_id, s.device, t.fast)
-                s.accelerator.backward(loss * (0.0 if idle else scale))
-            step_loss += 0.0 if idle else float(loss.detach())
+                s.accelerator.backward(loss * weight)
+            step_loss += float(loss.detach()) if k < real else 0.0
     t.seen_tokens += step_batch.tokens
     t.computed_tokens += sum(q.computed(t.fast.prefix) for r in range(s.world)
                              for b in share(step_batch, r, s.world, settings.grad_accum)
@@ -695,7 +715,7 @@ def train_step(s: Setup, t: Trainer, step_batch: Batch, settings: TrainSettings,
     # one number says whether any gradient is inf/nan: their total norm
     norm = torch.nn.utils.get_total_norm([m.grad for m in t.weights.master if m.grad is not None])
     finite, stopping, step_loss, count = _agree(
-        s.accelerator, math.isfinite(step_loss) and bool(torch.isfinite(norm)), stop_requested,
+        s.accelerator, math.isfinite(step_loss) and bool(torch.isfinite(sharding.full(norm))), stop_requested,
         step_loss, my_count)
     if not finite:
         raise HabitError(f"step {t.step + 1}: the loss or a gradient is not finite (loss "
@@ -712,9 +732,31 @@ def train_step(s: Setup, t: Trainer, step_batch: Batch, settings: TrainSettings,
     return StepResult(step_loss / max(1, count), stopping)
 
 
+def _no_sync(s: Setup, model, sync: bool):
+    """No gradient reduction in this pass unless `sync` (the step's last pass)."""
+    if s.world == 1 or sync:
+        if s.sharded:
+            model.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if s.sharded:
+        model.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+    return s.accelerator.no_sync(model)
+
+
+def _most(accelerator, n: int) -> int:
+    """The largest `n` over the processes."""
+    import torch
+
+    return int(accelerator.reduce(torch.tensor([n], device=accelerator.device), "max")[0])
+
+
 def validate(s: Setup, t: Trainer, p: Plan, objective: Objective) -> float | None:
     """Validation loss over every process's share; the best adapter so far is kept."""
-    val_loss = _eval_across(s.accelerator, t.model, p.val_batches, s.pad_id, s.device, t.fast,
+    batches = p.val_batches
+    if s.sharded:  # as many forwards on every process; a filler's loss is not counted
+        batches = batches + [None] * (_most(s.accelerator, len(batches)) - len(batches))
+    val_loss = _eval_across(s.accelerator, t.model, batches, s.pad_id, s.device, t.fast, p.first_step,
                             objective.loss)
     t.best.offer(t.step, val_loss, t.weights)
     return val_loss
@@ -731,7 +773,7 @@ def run_info(table: Table, source: models.Source, s: Setup, p: Plan, t: Trainer,
         **objective.describe(table, s),
         "settings": {"lora": as_dict(lora), "train": as_dict(settings)},
         "plan": {"steps": p.total, "steps_per_epoch": p.steps_per_epoch, "row_width": p.width,
-                 "processes": s.world, "dtype": str(s.dtype).replace("torch.", ""),
+                 "processes": s.world, "sharded": s.sharded, "dtype": str(s.dtype).replace("torch.", ""),
                  "quantize": settings.quantize, "grad_checkpointing": s.need.checkpointing,
                  "memory_estimate_gb": round(s.need.total / 1e9, 2) or None,
                  "fast_paths": t.fast.names(),
@@ -833,9 +875,9 @@ def finish(s: Setup, p: Plan, t: Trainer, run: Path, info: dict, settings: Train
                          [list(d) for d in s.dropped], round(elapsed, 2),
                          t.fast.names(), t.fast_diff, kept.step if kept else p.total,
                          kept.loss if kept else val_loss)
+    final = kept.weights if kept else t.weights.state_dict()  # every process: shards are gathered
     if s.main:
-        adapters.save(s.accelerator.unwrap_model(t.model), run,
-                      kept.weights if kept else t.weights.state_dict())
+        adapters.save(s.accelerator.unwrap_model(t.model), run, final)
         info.update(status="done", result=result.to_dict())
         rundir.write_json(run / rundir.RUN_FILE, info)
     s.accelerator.wait_for_everyone()
@@ -913,8 +955,9 @@ class MasterWeights:
                     p.copy_(m)
 
     def state_dict(self) -> dict:
-        """Parameter names → fp32 masters, for saving adapters at full precision."""
-        return {name: m.detach() for name, m in zip(self.names, self.master)}
+        """Parameter names → fp32 masters, for saving adapters at full precision (whole tensors:
+        sharded ones are gathered, a collective every process must join)."""
+        return {name: sharding.full(m.detach()) for name, m in zip(self.names, self.master)}
 
 
 class Best:
@@ -944,6 +987,10 @@ def save_checkpoint(accelerator, model, weights: MasterWeights, optimizer, sched
     written into a temp folder and renamed, so a kill mid-write leaves no half checkpoint."""
     import torch
 
+    # shards are made whole on every process (a collective) before rank 0 alone writes them
+    adapter_state = weights.state_dict()
+    master = [sharding.full(m.detach()).clone() for m in weights.master]
+    optimizer_state = sharding.gathered(optimizer.state_dict())
     if not accelerator.is_main_process:
         return
     folder = run / "checkpoints"
@@ -953,10 +1000,9 @@ def save_checkpoint(accelerator, model, weights: MasterWeights, optimizer, sched
     tmp = folder / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    adapters.save(accelerator.unwrap_model(model), tmp, weights.state_dict())
-    state = {"step": step, "seen_tokens": seen_tokens,
-             "master": [m.detach().clone() for m in weights.master],
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    adapters.save(accelerator.unwrap_model(model), tmp, adapter_state)
+    state = {"step": step, "seen_tokens": seen_tokens, "master": master,
+             "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
              "rng": torch.get_rng_state(), "python_rng": random.getstate(),
              "best": best.state() if best else None}
     torch.save(state, tmp / "state.pt.tmp")
@@ -979,9 +1025,13 @@ def load_checkpoint(folder: Path, weights: MasterWeights, optimizer, scheduler,
         raise HabitError(f"{folder}: checkpoint does not match the model's LoRA weights")
     with torch.no_grad():
         for m, saved in zip(weights.master, state["master"]):
-            m.copy_(saved)
+            m.copy_(sharding.like(saved, m))
     weights.master_to_model()
-    optimizer.load_state_dict(state["optimizer"])
+    params = [q for group in optimizer.param_groups for q in group["params"]]
+    saved_opt = state["optimizer"]
+    saved_opt["state"] = {k: {n: sharding.like(v, params[k]) for n, v in s.items()}
+                          for k, s in saved_opt["state"].items()}
+    optimizer.load_state_dict(saved_opt)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
     random.setstate(state["python_rng"])
@@ -990,12 +1040,14 @@ def load_checkpoint(folder: Path, weights: MasterWeights, optimizer, scheduler,
     return state["step"], state["seen_tokens"]
 
 
-def _eval_across(accelerator, model, batches: Sequence[Batch], pad_id: int, device,
-                 fast: fastpath.FastPaths | None = None, loss_fn: Callable | None = None) -> float | None:
+def _eval_across(accelerator, model, batches: Sequence[Batch | None], pad_id: int, device,
+                 fast: fastpath.FastPaths | None = None, filler: Batch | None = None,
+                 loss_fn: Callable | None = None) -> float | None:
     """Validation loss over every rank's share. Every rank joins the reduction, even one whose
     share is empty: a collective that only some ranks call hangs or garbles DDP."""
     # the unwrapped model: DDP's forward broadcasts buffers, a collective of its own
-    total, count = eval_sums(accelerator.unwrap_model(model), batches, pad_id, device, fast, loss_fn)
+    total, count = eval_sums(accelerator.unwrap_model(model), batches, pad_id, device, fast, filler,
+                             loss_fn)
     if accelerator.num_processes > 1:
         import torch
 

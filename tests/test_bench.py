@@ -165,7 +165,8 @@ PEAK = {"peak_gflops": {"bf16": 100.0, "fp32": 50.0}, "auto_dtype": "bf16",
 
 def test_a_failing_variant_is_a_row_with_a_note(tiny_model, tmp_path):
     # every example is longer than --max-len 8: the habit worker fails, the bench carries on
-    rows = bench.train_rows(_options(tiny_model, only="habit,habit-qlora", max_len=8), tmp_path, PEAK, print)
+    fp32_machine = {**PEAK, "auto_dtype": "fp32"}  # habit-fp32 is then skipped as a repeat of habit
+    rows = bench.train_rows(_options(tiny_model, only="habit,habit-fp32", max_len=8), tmp_path, fp32_machine, print)
     failed, skipped = rows
     assert failed["name"] == "habit" and failed["error"] and failed["note"].startswith("error: ")
     assert failed["tokens_per_s"] is None and failed["ratio"] is None and failed["mfu"] is None
@@ -177,3 +178,18 @@ def test_a_worker_out_of_time_is_an_error_not_an_exception(tiny_model, tmp_path)
     assert found == {"error": "timed out after 1 s (--timeout)"}
     row = bench._row("habit", found, PEAK["peak_gflops"])
     assert row["error"] and row["note"] == "error: timed out after 1 s (--timeout)"
+
+
+def test_repeated_runs_make_one_median_row():
+    def run(tps, loss):
+        return {"name": "habit", "tokens_per_s": tps, "heldout_loss": loss, "step_s": 1.0 / tps if tps else None}
+
+    row = bench.median_row([run(300.0, 2.9), run(100.0, 3.1), run(200.0, 3.0)])
+    assert row["tokens_per_s"] == 200.0 and row["best_tokens_per_s"] == 300.0 and row["runs"] == 3
+    assert row["heldout_loss"] == 3.0 and row["step_s"] == 1.0 / 200.0  # the median run's own figures
+    assert row["run_tokens_per_s"] == [300.0, 100.0, 200.0]
+    failed = bench.median_row([run(None, None), run(150.0, 3.2)])  # a failed run is left out
+    assert failed["tokens_per_s"] == 150.0 and failed["runs"] == 1
+    assert bench.median_row([run(None, None)])["tokens_per_s"] is None
+    with pytest.raises(HabitError, match="--repeats"):
+        bench.BenchOptions(repeats=0)

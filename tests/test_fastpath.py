@@ -82,7 +82,7 @@ LONG = pytest.mark.parametrize("matmul_max", [1024, 4], ids=["matmul", "sdpa-for
 
 @LONG
 def test_packed_attention_logits_equal_per_example_logits(tiny, matmul_max, monkeypatch):
-    monkeypatch.setattr(fastpath, "MATMUL_ATTENTION_MAX", matmul_max)
+    monkeypatch.setattr(fastpath.attention, "MATMUL_ATTENTION_MAX", matmul_max)
     tiny_model, tok, enc = tiny
     model, _ = models.load_model(tiny_model, dtype=torch.float32)
     assert fastpath.use_packed_attention(model)
@@ -126,7 +126,7 @@ def test_shared_prefix_stops_before_the_first_difference_and_the_first_target():
 def test_a_shared_prefix_gives_the_per_example_logits(tiny, matmul_max, monkeypatch):
     """The prefix computed once at the start of row 0, every example attending to it: the logits
     of each example's own tokens equal those of the example run whole, alone."""
-    monkeypatch.setattr(fastpath, "MATMUL_ATTENTION_MAX", matmul_max)
+    monkeypatch.setattr(fastpath.attention, "MATMUL_ATTENTION_MAX", matmul_max)
     tiny_model, tok, enc = tiny
     enc = with_system_prompt(enc, tok)
     prefix = fastpath.shared_prefix(enc)
@@ -165,7 +165,7 @@ def test_a_shared_prefix_gives_the_plain_loss_and_gradients(tiny):
 @LONG
 def test_packed_attention_respects_a_sliding_window(matmul_max, monkeypatch):
     """Gemma 3 mixes sliding-window and full layers; spans longer than the window get its mask."""
-    monkeypatch.setattr(fastpath, "MATMUL_ATTENTION_MAX", matmul_max)
+    monkeypatch.setattr(fastpath.attention, "MATMUL_ATTENTION_MAX", matmul_max)
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(0)
@@ -396,8 +396,8 @@ def test_the_check_catches_a_wrong_merge(tiny_model, roles_csv, tmp_path, monkey
     check sets B non-zero first, so it must see the error and train the plain path, saying so."""
     from habit import cli
 
-    real = fastpath._merged
-    monkeypatch.setattr(fastpath, "_merged", lambda w, a, b, scale: real(w, a, b, 2 * scale))
+    real = fastpath.lora._merged
+    monkeypatch.setattr(fastpath.lora, "_merged", lambda w, a, b, scale: real(w, a, b, 2 * scale))
     out = tmp_path / "run"
     assert cli.main(["train", roles_csv, "--model", tiny_model, "--out", str(out), "--steps", "1",
                      "--max-len", "256", "--batch-tokens", "512", "--precision", "fp32"]) == 0
@@ -415,7 +415,7 @@ def test_the_check_catches_a_wrong_lora_a_gradient(tiny, monkeypatch):
     fast = fastpath.setup(model)
     batch = packed_batch(enc)
     assert training.check_fast(model, batch, tok.pad_token_id, torch.device("cpu"), fast)[0]
-    right = fastpath._lora_function()
+    right = fastpath.lora._lora_function()
 
     class WrongA(right):
         @staticmethod
@@ -423,7 +423,37 @@ def test_the_check_catches_a_wrong_lora_a_gradient(tiny, monkeypatch):
             dx, w, bias, d_a, d_b, scale, merged = right.backward(ctx, dy)
             return dx, w, bias, 2 * d_a, d_b, scale, merged
 
-    monkeypatch.setattr(fastpath, "_MERGED_LORA", WrongA)
+    monkeypatch.setattr(fastpath.lora, "_MERGED_LORA", WrongA)
     ok, diff = training.check_fast(model, batch, tok.pad_token_id, torch.device("cpu"), fast)
     assert not ok and diff > 1e-3
     assert all(float(p.detach().abs().max()) == 0 for n, p in model.named_parameters() if "lora_B" in n)  # restored
+
+
+def test_device_selection_keeps_cpu_paths_off_a_gpu(tiny_model, monkeypatch):
+    """The CPU-measured fast paths (packed attention, merged LoRA) stay off on CUDA; the chunked
+    head loss (a memory saving) stays on; flash-attention is chosen only on CUDA, in a half
+    dtype, when installed."""
+    import importlib.util
+
+    import torch
+
+    from habit import adapters, models
+    from habit.settings import LoraSettings
+
+    model, _ = models.load_model(tiny_model, dtype=torch.float32)
+    model = adapters.attach(model, LoraSettings())
+    gpu = fastpath.setup(model, "cuda")
+    assert not gpu.attention and not gpu.lora and gpu.head is not None
+    assert model.config._attn_implementation == "sdpa"  # setup on cuda registered nothing
+    cpu = fastpath.setup(model, "cpu")
+    assert cpu.attention and cpu.lora and cpu.head is not None
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "flash_attn" else real(name, *a))
+    assert models.attention_for("cuda:0", torch.bfloat16) == "flash_attention_2"
+    assert models.attention_for("cuda", torch.float32) == "sdpa"
+    assert models.attention_for("cpu", torch.bfloat16) == "sdpa"
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    assert models.attention_for("cuda", torch.bfloat16) == "sdpa"

@@ -13,7 +13,7 @@ LAYERS = [
     {"settings", "metrics", "rundir", "allocator", "archs", "losses"},
     {"data", "models", "memory"},
     {"render"},
-    {"adapters", "fastpath"},
+    {"adapters", "fastpath", "sharding"},
     {"training", "generation", "constrain"},
     {"evaluate", "report", "export", "ollama", "engine", "serve", "serve_api", "bench", "bench_workers"},
     {"cli"},
@@ -39,17 +39,24 @@ def habit_imports(path: Path) -> set[str]:
     return found
 
 
+def sources() -> list[tuple[str, Path]]:
+    """(module name, file) for every source file; a subpackage's files all carry its name."""
+    found = [(p.stem, p) for p in PACKAGE.glob("*.py")]
+    found += [(p.parent.name, p) for p in PACKAGE.glob("*/*.py") if (p.parent / "__init__.py").is_file()]
+    return sorted(found)
+
+
 def test_every_module_has_a_layer():
-    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    modules = {name for name, _ in sources()}
     assert modules == set(RANK), modules ^ set(RANK)
 
 
 def test_imports_point_down():
     wrong = []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for name, path in sources():
         for target in habit_imports(path):
             if target not in RANK:
                 continue  # e.g. `from habit import __version__`
-            if RANK[target] > RANK[path.stem] or (target == "cli" and path.stem != "__main__"):
-                wrong.append(f"{path.stem} (layer {RANK[path.stem]}) imports {target} (layer {RANK[target]})")
+            if RANK[target] > RANK[name] or (target == "cli" and name != "__main__"):
+                wrong.append(f"{path.name} ({name}, layer {RANK[name]}) imports {target} (layer {RANK[target]})")
     assert not wrong, wrong

@@ -129,3 +129,14 @@ def test_run_from_another_base_is_refused(tiny_model, roles_csv, tmp_path):
     with pytest.raises(HabitError, match="different"):
         adapters.load_run(out)
     assert Path(out / "adapter_model.safetensors").is_file()
+
+
+def test_default_max_len_is_what_a_micro_batch_holds():
+    """--max-len 0 (the default) keeps every example one micro-batch can hold, and is resolved in
+    the settings, so run.json records the number and a resume reuses it."""
+    from habit.settings import TrainSettings, as_dict
+
+    assert TrainSettings().max_len == TrainSettings().batch_tokens
+    assert TrainSettings(batch_tokens=8192, grad_accum=2).max_len == 4096
+    assert TrainSettings(max_len=300).max_len == 300
+    assert as_dict(TrainSettings(batch_tokens=4096))["max_len"] == 4096
