@@ -14,8 +14,8 @@ LAYERS = [
     {"data", "models", "memory"},
     {"render"},
     {"adapters", "fastpath", "sharding"},
-    {"training", "generation", "constrain"},
-    {"evaluate", "report", "export", "ollama", "engine", "serve", "serve_api", "bench", "bench_workers"},
+    {"training", "preference", "generation", "constrain"},
+    {"evaluate", "pairs", "report", "export", "ollama", "engine", "serve", "serve_api", "bench", "bench_workers"},
     {"cli"},
     {"__init__", "__main__"},
 ]
