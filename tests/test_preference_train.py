@@ -353,6 +353,14 @@ def test_data_and_method_must_agree(table, method, needle, roles_csv, pairs_file
     assert not (tmp_path / "run").exists()
 
 
+def test_preference_runs_default_to_a_tenth_of_sfts_lr_and_one_epoch():
+    """Measured on the tutorial's table (docs/preference.md): DPO --from SFT at SFT's lr 1e-3 for
+    3 epochs separated the pairs and broke the answers (stop rate 0); 1e-4 for 1 epoch did not."""
+    assert (TrainSettings().lr, TrainSettings().epochs) == (1e-3, 3.0)
+    assert (TrainSettings(method="dpo").lr, TrainSettings(method="kto").epochs) == (1e-4, 1.0)
+    assert TrainSettings(method="dpo", lr=3e-4, epochs=2).lr == 3e-4
+
+
 def test_settings_check_method_beta_and_from():
     with pytest.raises(HabitError, match="--method must be"):
         TrainSettings(method="rlhf")
@@ -360,6 +368,8 @@ def test_settings_check_method_beta_and_from():
         TrainSettings(method="dpo", beta=0)
     with pytest.raises(HabitError, match="--from continues a run with a preference loss"):
         TrainSettings(from_run="runs/x")
+    with pytest.raises(HabitError, match="--shard fsdp trains --method sft only"):
+        TrainSettings(method="dpo", shard="fsdp")
 
 
 @needs_torchrun
