@@ -371,6 +371,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
+    report = data_report(args)
+    if args.json:
+        _print_json(report)
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"habit data check: {report['source']}", show_header=False)
+    for key, value in report.items():
+        if key != "too_long":
+            t.add_row(key, str(value))
+    Console().print(t)
+    for where, n in report.get("too_long", [])[:10]:
+        print(f"  too long: {where} ({n} tokens > --max-len {args.max_len}; dropped in training)")
+    return 0
+
+
+def data_report(args) -> dict[str, Any]:
+    """What `habit data check` reports (habit studio shows the same); args: data, template,
+    response, model ('' or None: no token counts), max_len, val_frac, seed."""
     from habit import data
 
     table = data.load_examples(args.data, template=args.template, response=args.response)
@@ -383,20 +403,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     }
     if args.model:
         report.update(_token_stats(table, args))
-    if args.json:
-        _print_json(report)
-        return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"habit data check: {table.source}", show_header=False)
-    for key, value in report.items():
-        if key != "too_long":
-            t.add_row(key, str(value))
-    Console().print(t)
-    for where, n in report.get("too_long", [])[:10]:
-        print(f"  too long: {where} ({n} tokens > --max-len {args.max_len}; dropped in training)")
-    return 0
+    return report
 
 
 def _token_stats(table, args) -> dict:
@@ -449,6 +456,34 @@ def _run_name(data_path: str) -> str:
     return name
 
 
+def _data_flags(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("data", nargs="?" if optional else None,
+                   help="CSV/TSV/JSON/JSONL/Parquet file, saved dataset dir or hub dataset")
+    p.add_argument("--template", help=TEMPLATE_HELP)
+    p.add_argument("--response", help="the column holding the response (default: inferred)")
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    _data_flags(p, optional=True)  # DATA is left out with --resume
+    p.add_argument("--resume", metavar="RUN",
+                   help="continue RUN from its latest checkpoint (settings and data from its run.json)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="alias, local HF model dir, .gguf file or hub id")
+    p.add_argument("--out", help="run directory (default: runs/<data file name>)")
+    _add_settings(p, LoraSettings)
+    _add_settings(p, TrainSettings)
+    p.add_argument("--force", action="store_true", help="replace an existing run directory")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def train_parser(parser_class: type = None) -> argparse.ArgumentParser:
+    """`habit train`'s flags alone: habit studio builds its settings form from them and checks a
+    form's values by parsing them, so the page and the CLI share names, defaults, help and errors."""
+    p = (parser_class or _Parser)(prog="habit train", formatter_class=_Help)
+    _train_flags(p)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="habit", formatter_class=_Help,
                      description="Teach a language model a new behaviour from a table of examples, "
@@ -459,23 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help: str, parent=sub) -> argparse.ArgumentParser:
         return parent.add_parser(name, help=help, description=help, formatter_class=_Help)
 
-    def data_flags(p: argparse.ArgumentParser, optional: bool = False) -> None:
-        p.add_argument("data", nargs="?" if optional else None,
-                       help="CSV/TSV/JSON/JSONL/Parquet file, saved dataset dir or hub dataset")
-        p.add_argument("--template", help=TEMPLATE_HELP)
-        p.add_argument("--response", help="the column holding the response (default: inferred)")
+    data_flags = _data_flags
 
     p = command("train", "train a LoRA adapter and write a run directory")
-    data_flags(p, optional=True)  # DATA is left out with --resume
-    p.add_argument("--resume", metavar="RUN",
-                   help="continue RUN from its latest checkpoint (settings and data from its run.json)")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="alias, local HF model dir, .gguf file or hub id")
-    p.add_argument("--out", help="run directory (default: runs/<data file name>)")
-    _add_settings(p, LoraSettings)
-    _add_settings(p, TrainSettings)
-    p.add_argument("--force", action="store_true", help="replace an existing run directory")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    _train_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = command("generate", "answer inputs with a trained run (or its base)")
