@@ -354,6 +354,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_studio(args: argparse.Namespace) -> int:
+    from habit.studio import serve_studio
+
+    if args.max_upload_mb <= 0:
+        raise HabitError("--max-upload-mb must be positive")
+
+    def ready(url: str) -> None:
+        print(f"habit studio on {url}  (runs in {args.runs_dir}; Ctrl-C or SIGTERM stops, a "
+              "training in flight saves a checkpoint first)", file=sys.stderr, flush=True)
+        if args.json:
+            _print_json({"url": url, "runs_dir": args.runs_dir})
+        if not args.no_browser:
+            import webbrowser
+
+            webbrowser.open(url)
+
+    serve_studio(args.runs_dir, args.host, args.port, args.api_key,
+                 int(args.max_upload_mb * (1 << 20)), ready=ready)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from habit import bench
 
@@ -388,12 +409,14 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def data_report(args) -> dict[str, Any]:
+def data_report(args, table=None, tokenizer=None) -> dict[str, Any]:
     """What `habit data check` reports (habit studio shows the same); args: data, template,
-    response, model ('' or None: no token counts), max_len, val_frac, seed."""
+    response, model ('' or None: no token counts), max_len, val_frac, seed. A caller that has
+    already loaded the table or the model's tokenizer passes them."""
     from habit import data
 
-    table = data.load_examples(args.data, template=args.template, response=args.response)
+    if table is None:
+        table = data.load_examples(args.data, template=args.template, response=args.response)
     train, val = data.split(table, args.val_frac, args.seed)
     report: dict[str, Any] = {
         "source": table.source, "shape": table.shape, "columns": list(table.columns),
@@ -402,14 +425,14 @@ def data_report(args) -> dict[str, Any]:
         "train": len(train), "val": len(val),
     }
     if args.model:
-        report.update(_token_stats(table, args))
+        report.update(_token_stats(table, args, tokenizer))
     return report
 
 
-def _token_stats(table, args) -> dict:
+def _token_stats(table, args, tokenizer=None) -> dict:
     from habit import models, render
 
-    tokenizer = models.load_tokenizer(models.resolve(args.model))
+    tokenizer = tokenizer or models.load_tokenizer(models.resolve(args.model))
     template = render.choose_template(table, tokenizer)
     stop = [tokenizer.eos_token_id]
     kept, dropped = render.encode_all(table.examples, template, tokenizer, stop, args.max_len)
@@ -560,6 +583,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most answers waiting or running; past that a request gets 503 with Retry-After")
     p.add_argument("--json", action="store_true", help='print {"url": ..., "models": [...]} once ready')
     p.set_defaults(func=cmd_serve)
+
+    p = command("studio", "a browser page to prepare data, train, watch, compare and ship runs")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0 makes the page reachable from other machines: "
+                        "give it an --api-key)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (0: any free port)")
+    p.add_argument("--runs-dir", default="runs",
+                   help="folder of run directories: runs started here go there, and every run in it is listed")
+    p.add_argument("--api-key", help="require this key (the page asks for it once) on every /api/ request")
+    p.add_argument("--max-upload-mb", type=float, default=100, metavar="MB",
+                   help="largest data file the page may upload")
+    p.add_argument("--no-browser", action="store_true", help="do not open the page in a browser")
+    p.add_argument("--json", action="store_true", help='print {"url": ..., "runs_dir": ...} once ready')
+    p.set_defaults(func=cmd_studio)
 
     from habit.bench import BenchOptions  # light: torch is imported only by its workers (subprocesses)
 
