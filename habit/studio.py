@@ -813,17 +813,27 @@ def _has_checkpoint(run: Path) -> bool:
 
 
 def _generation(body: dict) -> list[str]:
-    """habit's generation flags from a request body, checked by GenerationSettings."""
+    """habit's generation flags from a request body, converted as argparse would and checked by
+    GenerationSettings, in the CLI's words."""
     from habit.settings import GenerationSettings
 
-    names = {f.name: body[f.name] for f in dataclasses.fields(GenerationSettings) if f.name in body}
+    values = {}
+    for f in dataclasses.fields(GenerationSettings):
+        if f.name not in body:
+            continue
+        kind, value, flag = {"int": int, "float": float}[str(f.type)], body[f.name], "--" + f.name.replace("_", "-")
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ValueError
+            values[f.name] = kind(value)
+        except ValueError:
+            raise ApiError(400, f"argument {flag}: invalid {kind.__name__} value: {value!r}", f.name,
+                           "invalid_type") from None
     try:
-        GenerationSettings(**names)
-    except (HabitError, TypeError) as e:
-        message = str(e)
-        field_ = next((f for f in names if f"--{f.replace('_', '-')}" in message), None)
-        raise ApiError(400, message, field_, "invalid_value") from None
-    return [f"--{k.replace('_', '-')}={v}" for k, v in names.items()]
+        GenerationSettings(**values)
+    except HabitError as e:
+        raise ApiError(400, str(e), _param(str(e), values), "invalid_value") from None
+    return [f"--{k.replace('_', '-')}={v}" for k, v in values.items()]
 
 
 def _warnings(report: dict, args) -> list[str]:

@@ -397,7 +397,7 @@ function draw() {
     return [...m.entries()].sort((a, b) => a[0] - b[0]);
   };
   const train = byStep("loss"), val = byStep("val_loss"), lr = byStep("lr");
-  const svg = [`<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 ${W} ${H}" role="img" aria-label="loss and learning rate by step" data-points="${train.length}" data-val-points="${val.length}">`,
+  const svg = [`<svg viewBox="0 0 ${W} ${H}" role="img" aria-label="loss and learning rate by step" data-points="${train.length}" data-val-points="${val.length}">`,
                `<text x="12" y="22" class="t">Loss and learning rate by step</text>`];
   if (!train.length && !val.length) {
     svg.push(`<text x="${W / 2}" y="${H / 2}" text-anchor="middle" class="l">waiting for the first step…</text></svg>`);
