@@ -23,7 +23,8 @@ from conftest import FIXTURES
 from habit import cli, rundir
 from habit.errors import HabitError
 from habit.settings import GenerationSettings, LoraSettings, TrainSettings
-from habit.studio import STALE, Studio, build_app
+from habit.studio import build_app
+from habit.studio_runs import STALE, Studio
 
 ROLES = FIXTURES / "data" / "roles.csv"
 LOCAL = "http://127.0.0.1"  # the studio refuses Host names that are not loopback
@@ -104,6 +105,18 @@ def test_page_and_assets_are_served_from_the_package(client):
     assert "http://" not in page.text + js.text and "https://" not in page.text + js.text
     assert client.get("/static/nope.js").status_code == 404
     assert client.get("/static/..%2Fstudio.py").status_code == 404
+
+
+def test_the_page_ships_in_the_package():
+    import fnmatch
+    import tomllib
+
+    import habit
+
+    root = Path(habit.__file__).parent
+    data = tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    needed = [p.relative_to(root).as_posix() for p in [root / "studio.html", *(root / "studio_static").iterdir()]]
+    assert all(any(fnmatch.fnmatch(n, pat) for pat in data["habit"]) for n in needed), needed
 
 
 def test_options_are_habit_trains_flags(client):
