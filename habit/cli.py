@@ -356,6 +356,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_studio(args: argparse.Namespace) -> int:
     from habit.studio import serve_studio
+    from habit.studio_runs import loopback
 
     if args.max_upload_mb <= 0:
         raise HabitError("--max-upload-mb must be positive")
@@ -363,6 +364,9 @@ def cmd_studio(args: argparse.Namespace) -> int:
     def ready(url: str) -> None:
         print(f"habit studio on {url}  (runs in {args.runs_dir}; Ctrl-C or SIGTERM stops, a "
               "training in flight saves a checkpoint first)", file=sys.stderr, flush=True)
+        if args.api_key is None and not loopback(args.host):
+            print(f"habit: warning: {args.host} lets other machines start trainings and read files "
+                  "here; give it an --api-key", file=sys.stderr, flush=True)
         if args.json:
             _print_json({"url": url, "runs_dir": args.runs_dir})
         if not args.no_browser:

@@ -55,7 +55,7 @@ from starlette.concurrency import run_in_threadpool
 from habit import serve
 from habit.engine import ApiError
 from habit.errors import HabitError
-from habit.studio_runs import MAX_UPLOAD, TERMINAL, Studio, tail
+from habit.studio_runs import MAX_UPLOAD, TERMINAL, Studio, loopback, tail
 
 POLL = 0.5  # seconds between looks at a run's files while streaming its events
 HEARTBEAT = 15.0  # seconds between SSE comments, so proxies keep an idle stream open
@@ -327,10 +327,6 @@ def build_app(studio: Studio) -> FastAPI:
 # ---------------------------------------------------------------- the command
 
 
-def _loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
 class StudioServer:
     """The studio on a socket bound at construction: `serve_forever()` in any thread, `stop()`
     from anywhere (a signal handler too), then `close()`, which stops a training in flight with a
@@ -340,7 +336,7 @@ class StudioServer:
                  api_key: str | None = None, max_upload: int = MAX_UPLOAD):
         if not 0 <= port <= 65535:
             raise HabitError(f"--port {port}: must be between 0 and 65535")
-        self.studio = Studio(runs_dir, api_key, max_upload, loopback_only=_loopback(host))
+        self.studio = Studio(runs_dir, api_key, max_upload, loopback_only=loopback(host))
         try:
             self.socket = serve.bind(host, port)
         except OSError as e:

@@ -768,6 +768,11 @@ class _DataError(ApiError):
         return super().body() | {"columns": self.columns}
 
 
+def loopback(host: str) -> bool:
+    """Whether an address is reachable from this machine only."""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def _has_checkpoint(run: Path) -> bool:
     return any((p / "state.pt").is_file() for p in (run / "checkpoints").glob("step-*"))
 
