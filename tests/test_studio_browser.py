@@ -8,14 +8,19 @@ docs' images come from `STUDIO_SCREENSHOTS=docs/img pytest tests/test_studio_bro
 from __future__ import annotations
 
 import csv
+import json
 import os
+import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from conftest import CHROMIUM_FLAGS, FIXTURES
+from habit import rundir
 from habit.studio import StudioServer
+from habit.studio_runs import STALE
 
 ROLES = FIXTURES / "data" / "roles.csv"
 LONG = 240_000  # ms: a step that starts a `habit` process waits for torch to import on a busy CPU
@@ -127,11 +132,23 @@ def test_the_whole_path(studio, chromium, tmp_path):
             page.locator("#downloads").scroll_into_view_if_needed()
             shot("export")
 
-            # 4 runs: the run, and the queue's finished jobs
+            # 4 runs: the run, the queue's finished jobs, and a CLI run that died, with its error
+            died = studio.studio.runs / "died"
+            shutil.copytree(studio.studio.runs / "roles", died, ignore=shutil.ignore_patterns("export"))
+            info = json.loads((died / "run.json").read_text())
+            rundir.write_json(died / "run.json", info | {"status": "running"})
+            (died / "adapter_model.safetensors").unlink()
+            long_ago = time.time() - 2 * STALE
+            for path in died.iterdir():
+                os.utime(path, (long_ago, long_ago))
             page.click("nav button[data-tab=runs]")
             page.wait_for_selector("#runs-table tr[data-run=roles] .badge.done")
             page.wait_for_selector("#jobs-table tr:has(td:text-is('export')) .badge.done")
             shot("runs")
+            page.click("#runs-table tr[data-run=died]")
+            page.wait_for_selector("#run-status.failed")
+            assert "no progress for 30 minutes" in page.inner_text("#run-error")
+            assert page.is_hidden("#ship") and not page.is_disabled("#resume")
             assert not errors, errors
         finally:
             browser.close()
