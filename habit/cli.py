@@ -369,7 +369,11 @@ def cmd_studio(args: argparse.Namespace) -> int:
                   "here; give it an --api-key", file=sys.stderr, flush=True)
         if args.json:
             _print_json({"url": url, "runs_dir": args.runs_dir})
-        if not args.no_browser:
+        # on Linux only with a display: webbrowser would otherwise start a text browser in
+        # this very terminal
+        graphical = sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY") or \
+            os.environ.get("WAYLAND_DISPLAY")
+        if not args.no_browser and graphical:
             import webbrowser
 
             webbrowser.open(url)
@@ -598,7 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require this key (the page asks for it once) on every /api/ request")
     p.add_argument("--max-upload-mb", type=float, default=100, metavar="MB",
                    help="largest data file the page may upload")
-    p.add_argument("--no-browser", action="store_true", help="do not open the page in a browser")
+    p.add_argument("--no-browser", action="store_true",
+                   help="do not open the page in a browser (it opens only where there is a display)")
     p.add_argument("--json", action="store_true", help='print {"url": ..., "runs_dir": ...} once ready')
     p.set_defaults(func=cmd_studio)
 

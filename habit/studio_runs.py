@@ -232,8 +232,8 @@ class Studio:
     # ------------------------------------------------------------ the worker
 
     def submit(self, kind: str, run: str, argv: list[str]) -> Job:
-        job = Job(uuid.uuid4().hex[:12], kind, run, argv,
-                  str(self.state / "logs" / f"{run}-{kind}-{int(time.time())}.log"))
+        ident = uuid.uuid4().hex[:12]
+        job = Job(ident, kind, run, argv, str(self.state / "logs" / f"{run}-{kind}-{ident}.log"))
         with self.lock:
             self.jobs[job.id] = job
             self.queue.append(job)
@@ -259,7 +259,8 @@ class Studio:
                     self._save(job)
 
     def _run(self, job: Job) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # COLUMNS: rich wraps a pipe's lines at 80, and the page shows the log as it is
+        env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="160")
         # the child runs this very habit, wherever it was imported from
         root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
