@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from habit import rundir
+from habit import flags, rundir
 from habit.engine import ApiError
 from habit.errors import HabitError
 
@@ -56,9 +56,7 @@ class _Refuse(argparse.ArgumentParser):
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    from habit import cli
-
-    return cli.train_parser(_Refuse)
+    return flags.train_parser(_Refuse)
 
 
 def _flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -483,7 +481,6 @@ class Studio:
     def train_argv(self, settings: dict) -> tuple[list[str], argparse.Namespace]:
         """habit train's flags for a settings object, checked by habit train's parser and
         settings classes; every problem is a 400 naming the field."""
-        from habit import cli
         from habit.settings import LoraSettings, TrainSettings
 
         parser = _train_parser()
@@ -508,7 +505,7 @@ class Studio:
                 argv.append(f"{flag}={value}")  # = keeps a value that starts with '-' a value
         try:
             args = parser.parse_args(argv)
-            cli._settings(args, LoraSettings), cli._settings(args, TrainSettings)
+            flags.settings_from(args, LoraSettings), flags.settings_from(args, TrainSettings)
         except HabitError as e:
             raise ApiError(400, str(e), _param(str(e), known), "invalid_value") from None
         return argv, args
@@ -539,7 +536,7 @@ class Studio:
     def inspect(self, settings: dict, upload: tuple[Path, str] | None, n: int) -> dict:
         """habit data check, and habit data preview as structured pieces (the same render.encode
         training uses, the loss-carrying pieces marked)."""
-        from habit import cli, render
+        from habit import render
 
         settings = dict(settings)
         path, shown = self._data(settings, upload)
@@ -549,7 +546,7 @@ class Studio:
         table = self.load_table(path, args, shown)
         tokenizer = _tokenizer(args.model)
         args.data = path
-        report = cli.data_report(args, table=table, tokenizer=tokenizer)
+        report = flags.data_report(args, table=table, tokenizer=tokenizer)
         template = render.choose_template(table, tokenizer)
         stop = [tokenizer.eos_token_id]  # from the tokenizer alone, as habit data preview does
         preview = []
@@ -581,7 +578,7 @@ class Studio:
         a time from the speed a run of the same base measured here, where there is one."""
         import torch
 
-        from habit import cli, models
+        from habit import models
         from habit.settings import LoraSettings, TrainSettings
         from habit.training import memory_plan
 
@@ -590,7 +587,7 @@ class Studio:
         given = settings.get("data")
         _, args = self.train_argv({k: v for k, v in settings.items() if k != "data"})
         self.check_model(args.model)
-        lora, train = cli._settings(args, LoraSettings), cli._settings(args, TrainSettings)
+        lora, train = flags.settings_from(args, LoraSettings), flags.settings_from(args, TrainSettings)
         source = models.resolve(args.model)
         try:
             config = models.check_arch(source)
@@ -609,7 +606,7 @@ class Studio:
             path, shown = self._data({"data": given}, None)
             table = self.load_table(path, args, shown)
             args.data = path
-            report = cli.data_report(args, table=table, tokenizer=_tokenizer(args.model))
+            report = flags.data_report(args, table=table, tokenizer=_tokenizer(args.model))
             per_step = min(train.batch_tokens, max(1, report["tokens"]))
             share = report["train"] / max(1, report["train"] + report["val"])
             epoch_steps = max(1, -(-int(report["tokens"] * share) // train.batch_tokens))
