@@ -340,8 +340,8 @@ def render_report(eval_obj: dict | None, metrics_rows: list[dict], run_info: dic
             + "\n".join(parts) + "\n</body></html>\n")
 
 
-def write_report(run_dir, out=None) -> Path:
-    """Write the report for a run directory to `out` (default RUN/report.html); returns the path."""
+def run_report(run_dir) -> str:
+    """The report of a run directory as HTML, from what it holds now (habit studio serves this)."""
     run = Path(run_dir)
     try:
         info = json.loads((run / rundir.RUN_FILE).read_text(encoding="utf-8"))
@@ -356,8 +356,14 @@ def write_report(run_dir, out=None) -> Path:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise HabitError(f"{run / rundir.EVAL_FILE}: corrupt eval file ({e}); run habit eval again") from None
     rows = rundir.read_jsonl(run / rundir.METRICS_FILE)
-    path = Path(out) if out else run / REPORT_FILE
+    return render_report(ev, rows, info, run_dir=str(run))
+
+
+def write_report(run_dir, out=None) -> Path:
+    """Write the report for a run directory to `out` (default RUN/report.html); returns the path."""
+    html = run_report(run_dir)
+    path = Path(out) if out else Path(run_dir) / REPORT_FILE
     if path.is_dir():
         path = path / REPORT_FILE
-    rundir.write_atomic(path, render_report(ev, rows, info, run_dir=str(run)))
+    rundir.write_atomic(path, html)
     return path

@@ -245,18 +245,26 @@ def _error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), e.status, headers=headers)
 
 
-async def _read_json(request) -> dict:
-    """The body as a JSON object; over MAX_BODY is 413, after reading (and dropping) a moderately
-    large body: closing on unread data resets the connection and the client may never see it."""
-    data, size = bytearray(), 0
+async def body_chunks(request, limit: int, read_at_most: int) -> AsyncIterator[bytes]:
+    """The body's chunks; once past `limit` bytes, 413 — after reading (and dropping) up to
+    `read_at_most` bytes: closing on unread data resets the connection and the client may never
+    see the 413. Shared with habit studio's uploads."""
+    size = 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size <= MAX_BODY:
-            data += chunk
-        elif size > 16 * MAX_BODY:
+        if size <= limit:
+            yield chunk
+        elif size > read_at_most:
             break
-    if size > MAX_BODY:
-        raise ApiError(413, f"request body over {MAX_BODY} bytes", code="request_too_large")
+    if size > limit:
+        raise ApiError(413, f"request body over {limit} bytes", code="request_too_large")
+
+
+async def _read_json(request, limit: int = MAX_BODY) -> dict:
+    """The body as a JSON object; over `limit` is 413 (read up to 16 times that first)."""
+    data = bytearray()
+    async for chunk in body_chunks(request, limit, 16 * limit):
+        data += chunk
     try:
         body = json.loads(bytes(data))
     except (ValueError, UnicodeDecodeError) as e:
@@ -266,9 +274,17 @@ async def _read_json(request) -> dict:
     return body
 
 
-def build_app(server: "Server"):
-    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    engine = server.engine
+def check_api_key(request, api_key: str | None) -> None:
+    """401 unless the request carries 'Authorization: Bearer KEY' (no key set: everything passes)."""
+    if api_key is not None:
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
+            raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                           code="invalid_api_key")
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's {"error": {message, type, param, code}} body (habit studio too)."""
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
@@ -289,12 +305,14 @@ def build_app(server: "Server"):
     async def internal(request, e: Exception):
         return _error_response(ApiError(500, f"internal error: {e}", kind="server_error"))
 
+
+def build_app(server: "Server"):
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    engine = server.engine
+    add_error_handlers(app)
+
     def authorize(request) -> None:
-        if server.api_key is not None:
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, f"Bearer {server.api_key}".encode()):
-                raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
-                               code="invalid_api_key")
+        check_api_key(request, server.api_key)
 
     @app.get("/")
     async def page():
@@ -379,18 +397,9 @@ class Server:
         self.started = int(time.time())
         self.page = PAGE.read_text(encoding="utf-8").replace(
             "__NEEDS_KEY__", "true" if api_key else "false")
-        self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        try:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.socket.bind((host, port))
-            self.socket.listen(1024)
-        except OSError:
-            self.socket.close()
-            raise
+        self.socket = bind(host, port)
         self.server_address = self.socket.getsockname()
-        config = uvicorn.Config(build_app(self), log_config=None, access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=None)
-        self.uvicorn = _Uvicorn(config)
+        self.uvicorn = uvicorn_server(build_app(self))
         self.finished = threading.Event()  # set when serve_forever has returned
 
     @property
@@ -422,6 +431,32 @@ class Server:
     server_close = close  # http.server's name, kept for callers
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: a free one); OSError as socket.bind raises it."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def listen_error(host: str, port: int, e: OSError) -> HabitError:
+    reason = "the port is in use" if e.errno == 98 else (e.strerror or str(e))
+    return HabitError(f"cannot listen on {host}:{port}: {reason}")
+
+
+def uvicorn_server(app) -> "_Uvicorn":
+    """uvicorn for `app` on a socket the caller binds: `.run(sockets=[sock])`, stop by setting
+    `.should_exit` (habit studio serves this way too)."""
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=None)
+    return _Uvicorn(config)
+
+
 class _Uvicorn(uvicorn.Server):
     """uvicorn.Server without its own signal handling: serve() installs ours, and uvicorn's would
     re-raise SIGTERM after the graceful stop, so the process would not exit 0."""
@@ -448,8 +483,7 @@ def make_server(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int =
         return Server(engine, host, port, api_key, max_tokens_cap)
     except OSError as e:
         engine.close()
-        reason = "the port is in use" if e.errno == 98 else (e.strerror or str(e))
-        raise HabitError(f"cannot listen on {host}:{port}: {reason}") from None
+        raise listen_error(host, port, e) from None
 
 
 def serve(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
