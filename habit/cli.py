@@ -377,7 +377,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
             t.add_row(key, str(value))
     Console().print(t)
     for where, n in report.get("too_long", [])[:10]:
-        print(f"  too long: {where} ({n} tokens > --max-len {args.max_len}; dropped in training)")
+        print(f"  too long: {where} ({n} tokens > --max-len {report['max_len']}; dropped in training)")
     return 0
 
 

@@ -106,10 +106,13 @@ def _token_stats(table, args, tokenizer=None) -> dict:
     tokenizer = tokenizer or models.load_tokenizer(models.resolve(args.model))
     template = render.choose_template(table, tokenizer)
     stop = [tokenizer.eos_token_id]
-    kept, dropped = render.encode_all(table.examples, template, tokenizer, stop, args.max_len)
+    # --max-len 0 means what training resolves it to: what one micro-batch holds
+    max_len = args.max_len or TrainSettings(batch_tokens=getattr(args, "batch_tokens", TrainSettings.batch_tokens),
+                                            grad_accum=getattr(args, "grad_accum", 1)).max_len
+    kept, dropped = render.encode_all(table.examples, template, tokenizer, stop, max_len)
     lengths = sorted(len(e) for e in kept) or [0]
     targets = sum(sum(e.loss) for e in kept)
     return {"template": template.describe(), "tokens": sum(lengths), "loss_tokens": targets,
             "length_min": lengths[0], "length_median": lengths[len(lengths) // 2],
             "length_p99": lengths[min(len(lengths) - 1, math.ceil(0.99 * len(lengths)) - 1)],
-            "length_max": lengths[-1], "too_long": dropped}
+            "length_max": lengths[-1], "max_len": max_len, "too_long": dropped}

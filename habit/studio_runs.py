@@ -806,7 +806,7 @@ def _warnings(report: dict, args) -> list[str]:
     too_long = report.get("too_long") or []
     if too_long:
         where, n = too_long[0]
-        out.append(f"{len(too_long)} examples longer than --max-len {args.max_len} tokens are dropped "
+        out.append(f"{len(too_long)} examples longer than --max-len {report.get('max_len', args.max_len)} tokens are dropped "
                    f"in training (first: {where}, {n} tokens)")
     if report.get("val") == 0:
         out.append(f"no validation examples at --val-frac {args.val_frac}: no validation loss, and "
