@@ -366,7 +366,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _print_json({"url": server.url, "models": server.model_ids})
 
     serve(args.runs, args.host, args.port, args.api_key, args.max_tokens_cap, ready=ready,
-          max_queue=args.max_queue)
+          max_queue=args.max_queue, runtime_adapters=args.runtime_adapters)
     return 0
 
 
@@ -560,6 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(otherwise 256)")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
                    help="most answers waiting or running; past that a request gets 503 with Retry-After")
+    p.add_argument("--runtime-adapters", action="store_true",
+                   help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's): clients "
+                        "(with the key) may then load any run directory this machine can read")
     p.add_argument("--json", action="store_true", help='print {"url": ..., "models": [...]} once ready')
     p.set_defaults(func=cmd_serve)
 
