@@ -447,6 +447,27 @@ def test_unload_every_run(runs, reference):
         server.close()
 
 
+def test_run_directory_is_an_adapter_folder_vllm_reads(runs):
+    """`vllm serve BASE --enable-lora --lora-modules NAME=RUN` (docs/ship.md) reads the run
+    directory itself: PEFT's two files at its top, LoRA tensors under PEFT's standard names, and
+    none of what vLLM's loader refuses (extra trained modules, biases, DoRA). vLLM cannot be
+    installed here (no GPU build), so its loader's documented requirements are checked instead."""
+    from safetensors import safe_open
+
+    run = Path(runs["roles"])
+    config = json.loads((run / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] <= 16  # vLLM's default --max-lora-rank
+    assert not config["modules_to_save"] and config["bias"] == "none" and not config["use_dora"]
+    with safe_open(str(run / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    parts = [re.fullmatch(r"base_model\.model\.(.+)\.(lora_A|lora_B)\.weight", k) for k in keys]
+    assert keys and all(parts), keys
+    modules = {p.group(1) for p in parts}
+    assert {m.rsplit(".", 1)[1] for m in modules} <= {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                      "gate_proj", "up_proj", "down_proj"}
+    assert len(keys) == 2 * len(modules)  # an A and a B for each
+
+
 # ---------------------------------------------------------------- load, shutdown, page
 
 
