@@ -15,7 +15,8 @@ LAYERS = [
     {"render"},
     {"adapters", "fastpath"},
     {"training", "generation", "constrain"},
-    {"evaluate", "report", "export", "ollama", "engine", "serve", "serve_api", "bench", "bench_workers"},
+    {"evaluate", "tasks", "report", "export", "ollama", "engine", "serve", "serve_api", "bench",
+     "bench_workers"},
     {"cli"},
     {"__init__", "__main__"},
 ]
