@@ -7,9 +7,9 @@ for a lower-is-better metric such as perplexity).
 Tasks are found, in order, among habit's own (habit/tasks/: `habit_mc`, 30 general-knowledge and
 grammar questions scored by log-likelihood; `habit_gen`, 24 short questions answered by greedy
 generation and scored by exact match), in the `--tasks-path` folders, then among lm-eval's built-in
-tasks, which run when their data is already local (nothing is downloaded offline). A task's
-`data_files` given relative to its YAML are looked up next to that YAML (lm_eval itself resolves
-them from the working directory, so a task folder works from anywhere).
+tasks, which run when their data is on this machine (or, online, can be downloaded). A task's
+`data_files` given relative to its YAML are looked up next to that YAML, where lm_eval itself would
+look in the working directory: a task folder works from anywhere.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def evaluate(run: LoadedRun, suite: Suite) -> dict:
             with adapter_off(run.model, side == "base"):
                 results[side] = lm_eval.evaluator.evaluate(
                     lm=lm, task_dict=suite.loaded, limit=suite.limit, bootstrap_iters=100,
-                    log_samples=False, verbosity="ERROR")
+                    log_samples=False)
     return {**summarize(results["base"], results["tuned"]), "limit": suite.limit}
 
 
@@ -181,6 +181,7 @@ def summarize(base: dict, tuned: dict) -> dict:
                             "tuned_stderr": _number(other.get(key.replace(",", "_stderr,", 1)))}
         head = keys[0]
         n = (base.get("n-samples", {}).get(name) or {}).get("effective")
+        n = None if n is None else int(n)  # lm-eval may count in numpy ints, which JSON refuses
         label = head.removesuffix(",none").replace(",", " ")  # "acc", or "exact_match strict"
         tasks[name] = {"metric": label, "n": n, **metrics[head], "metrics": metrics}
     # a group's aggregate stands for its members; count each task once
