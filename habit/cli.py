@@ -248,10 +248,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from habit.adapters import load_run
     from habit.evaluate import evaluate
 
+    from habit.tasks import parse_names
+
     settings = _settings(args, GenerationSettings)
+    if args.tasks is None and (args.tasks_path or args.tasks_limit is not None):
+        raise HabitError("--tasks-path and --tasks-limit need --tasks NAME[,NAME]")
     run = load_run(args.run)
     result = evaluate(run, data=args.data, n=args.n, expect_prefix=args.expect_prefix,
-                      expect_regex=args.expect_regex, settings=settings)
+                      expect_regex=args.expect_regex, settings=settings,
+                      tasks=None if args.tasks is None else parse_names(args.tasks), tasks_path=args.tasks_path or (),
+                      tasks_limit=args.tasks_limit)
     report = None
     if args.report:
         from habit.report import write_report
@@ -283,6 +289,16 @@ def print_eval(result: dict) -> None:
     table.add_row("median length (tokens; reference "
                   f"{_num(result['reference']['length']['median'])})",
                   *(_num(result[side]["length"]["median"]) for side in ("base", "tuned")))
+    capability = result.get("capability")
+    if capability:  # lm-eval tasks: did tuning cost general ability?
+        table.add_section()
+        for name, task in capability["tasks"].items():
+            kept = "n/a" if task["retained"] is None else f"{task['retained']:.1%}"
+            table.add_row(f"{name}: {task['metric']} (n={task['n']}, retained {kept})",
+                          _num(task["base"]), _num(task["tuned"]))
+        mean = capability["retained"]
+        table.add_row("capability retained (tuned / base, mean over tasks)", "",
+                      "n/a" if mean is None else f"{mean:.1%}")
     Console().print(table)
     if expect["origin"] != "given":
         print(f"expectation {expect['origin']}")
@@ -314,7 +330,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _print_json({"url": server.url, "models": server.model_ids})
 
     serve(args.runs, args.host, args.port, args.api_key, args.max_tokens_cap, ready=ready,
-          max_queue=args.max_queue)
+          max_queue=args.max_queue, runtime_adapters=args.runtime_adapters)
     return 0
 
 
@@ -467,6 +483,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expect-prefix", help="answers should begin with this (case and spacing ignored; "
                                            "default: the opening most training responses share)")
     p.add_argument("--expect-regex", help="answers should match this regular expression")
+    p.add_argument("--tasks", metavar="NAME[,NAME]",
+                   help="also run lm-evaluation-harness tasks on base and tuned (capability retained): "
+                        "habit's own habit_mc and habit_gen, tasks in --tasks-path, or lm-eval's "
+                        "built-in tasks whose data is local")
+    p.add_argument("--tasks-path", action="append", metavar="DIR",
+                   help="a folder of lm-eval task YAMLs (and their data files) for --tasks (repeatable)")
+    p.add_argument("--tasks-limit", type=int, metavar="N",
+                   help="score at most N documents per task (default: all)")
     _add_settings(p, GenerationSettings)
     p.add_argument("--report", metavar="FILE", help="also write the HTML report to FILE")
     p.add_argument("--json", action="store_true",
@@ -491,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(otherwise 256)")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
                    help="most answers waiting or running; past that a request gets 503 with Retry-After")
+    p.add_argument("--runtime-adapters", action="store_true",
+                   help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's): clients "
+                        "(with the key) may then load any run directory this machine can read")
     p.add_argument("--json", action="store_true", help='print {"url": ..., "models": [...]} once ready')
     p.set_defaults(func=cmd_serve)
 

@@ -15,8 +15,8 @@ LAYERS = [
     {"render"},
     {"adapters", "fastpath", "sharding"},
     {"training", "generation", "constrain"},
-    {"evaluate", "report", "export", "ollama", "engine", "serve", "serve_api", "bench", "bench_workers",
-     "flags", "studio", "studio_runs"},
+    {"evaluate", "tasks", "report", "export", "ollama", "engine", "serve", "serve_api", "bench",
+     "bench_workers", "flags", "studio", "studio_runs"},
     {"cli"},
     {"__init__", "__main__"},
 ]
