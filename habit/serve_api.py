@@ -233,3 +233,8 @@ class ErrorBody(_Out):
 
 class ErrorResponse(_Out):
     error: ErrorBody
+    # habit studio's data errors also list the file's columns, for the page to offer them
+    columns: Optional[list[str]] = None
+
+    def json_bytes(self) -> bytes:  # OpenAI's error shape unless there are columns to list
+        return self.model_dump_json(exclude={"columns"} if self.columns is None else None).encode()
