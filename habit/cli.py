@@ -59,10 +59,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = args.out or os.path.join("runs", _run_name(args.data))
     rundir.check_new(out, args.force)  # before any model loads
     models.resolve(args.model)  # a bad --model fails here, in one line, before any output
-    table = data.load_examples(args.data, template=args.template, response=args.response)
+    if settings.method != "sft":
+        if args.template or args.response:
+            raise HabitError("--template/--response read SFT tables; preference data has fixed "
+                             "columns (prompt, chosen, rejected; or prompt, completion, label)")
+        table = data.load_preferences(args.data)
+        count = f"{len(table.records)} {'pairs' if table.shape == 'pairs' else 'labelled answers'}"
+    else:
+        table = data.load_examples(args.data, template=args.template, response=args.response)
+        count = f"{len(table.examples)} examples, shape {table.shape}"
     console = _console()
     _malloc_tip(console)
-    console.print(f"[bold]{table.source}[/]: {len(table.examples)} examples, shape {table.shape}"
+    console.print(f"[bold]{table.source}[/]: {count}"
                   + (f", {table.duplicates} exact duplicates dropped" if table.duplicates else ""))
     with _progress(console) as (progress, task):
         on_log = _train_logger(console, progress, task)
@@ -100,12 +108,16 @@ def _train_logger(console, progress, task):
     def on_log(row: dict) -> None:
         if "loss" in row:
             info = f"loss {row['loss']:.3f}  {row['tokens_per_s']:.0f} tok/s"
+            if row.get("reward_accuracy") is not None:
+                info += f"  reward acc {row['reward_accuracy']:.2f}  margin {row['margin']:.2f}"
             progress.update(task, total=row["total_steps"], completed=row["step"], info=info)
             every = max(1, row["total_steps"] // 10)
             if not console.is_terminal and (row["step"] % every == 0 or row["step"] == 1):
                 console.print(f"step {row['step']}/{row['total_steps']}: {info}")
         elif "val_loss" in row:
-            progress.console.print(f"step {row['step']} (epoch {row['epoch']}): val loss {row['val_loss']:.4f}")
+            acc = row.get("val_reward_accuracy")
+            progress.console.print(f"step {row['step']} (epoch {row['epoch']}): val loss {row['val_loss']:.4f}"
+                                   + (f", reward accuracy {acc:.2f}" if acc is not None else ""))
 
     return on_log
 
@@ -278,17 +290,31 @@ def print_eval(result: dict) -> None:
 
     expect = result["expectation"]
     wanted = expect["prefix"] or expect["regex"] or "none"
-    table = Table(title=f"{result['run']}: {result['n']} held-out examples from {result['data']}")
-    for col in ("metric", "base", "tuned"):
+    sides = result.get("columns") or ["base", "tuned"]  # pair data: base, the --from SFT run, tuned
+    what = "held-out prompts of pairs" if "pairs" in result else "held-out examples"
+    table = Table(title=f"{result['run']}: {result['n']} {what} from {result['data']}")
+    for col in ["metric"] + sides:
         table.add_column(col, justify="left" if col == "metric" else "right")
+    pairs = result.get("pairs")
+    if pairs:
+        against = "the --from SFT run" if pairs["reference"] == "sft" else "the base"
+        rows = [(f"reward accuracy (vs {against}; {pairs['n']} pairs)", "reward_accuracy"),
+                ("mean reward margin (beta " + _num(pairs["beta"]) + ")", "margin"),
+                ("chosen log-prob per token", "logps_per_token_chosen"),
+                ("rejected log-prob per token", "logps_per_token_rejected"),
+                ("desirable reward (vs the reference)", "rewards_desirable"),
+                ("undesirable reward", "rewards_undesirable")]
+        for name, key in rows:
+            if key in pairs[sides[0]]:
+                table.add_row(name, *(_num(pairs[side][key]) for side in sides))
     rows = [("stop rate (ended by itself)", "stop_rate"), (f"expectation rate ({wanted!r})", "expectation_rate"),
             ("loop rate", "loop_rate"), ("similarity to reference", "similarity"),
             ("ROUGE-L", "rouge_l"), ("held-out response loss", "loss"), ("perplexity", "perplexity")]
     for name, key in rows:
-        table.add_row(name, *(_num(result[side][key]) for side in ("base", "tuned")))
+        table.add_row(name, *(_num(result[side][key]) for side in sides))
     table.add_row("median length (tokens; reference "
                   f"{_num(result['reference']['length']['median'])})",
-                  *(_num(result[side]["length"]["median"]) for side in ("base", "tuned")))
+                  *(_num(result[side]["length"]["median"]) for side in sides))
     capability = result.get("capability")
     if capability:  # lm-eval tasks: did tuning cost general ability?
         table.add_section()
@@ -306,6 +332,25 @@ def print_eval(result: dict) -> None:
 
 def _num(x) -> str:
     return "n/a" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def cmd_pairs(args: argparse.Namespace) -> int:
+    from habit.pairs import make_pairs
+
+    console = _console()
+    summary = make_pairs(args.source, args.data, args.out, template=args.template,
+                         response=args.response, settings=_settings(args, GenerationSettings),
+                         n=args.n, batch_size=args.batch_size, force=args.force,
+                         say=lambda line: console.print(line, highlight=False))
+    if args.json:
+        _print_json(summary)
+        return 0
+    skipped = summary["same_as_chosen"] + summary["empty"]
+    console.print(f"[green]wrote[/] {summary['out']}: {summary['pairs']} pairs"
+                  + (f" ({skipped} skipped: answer empty or the same as the table's)" if skipped else "")
+                  + f"; {summary['rejected_cut_at_limit']} rejected answers hit --max-new-tokens")
+    console.print(f"next: habit train {summary['out']} --method dpo --from SFT_RUN")
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -496,6 +541,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print the metrics object {base: {...}, tuned: {...}, ...} (also saved as RUN/eval.json)")
     p.set_defaults(func=cmd_eval)
+
+    p = command("pairs", "preference pairs from a plain table: chosen = its response, rejected = a "
+                         "model's (or a run's) own greedy answer to the same input")
+    p.add_argument("source", metavar="MODEL_OR_RUN",
+                   help="whose habits to reject: a model (alias, local HF dir, .gguf, hub id) or a run "
+                        "directory (its adapter answers; DATA is read as that run read its table)")
+    data_flags(p)
+    p.add_argument("--out", required=True, help="JSONL file to write: prompt, chosen, rejected per line")
+    p.add_argument("--n", type=int, help="only the first N examples of DATA")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts answered in one batch")
+    _add_settings(p, GenerationSettings)
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.add_argument("--json", action="store_true", help="print a summary as one JSON object")
+    p.set_defaults(func=cmd_pairs)
 
     p = command("report", "write the HTML report from what a run already holds (no model load)")
     p.add_argument("run", help="run directory written by 'habit train'")

@@ -170,6 +170,11 @@ def evaluate(run: LoadedRun, data: str | None = None, n: int = 50,
         from habit import tasks as capability
 
         suite = capability.load(tasks, tasks_path, tasks_limit)
+    from habit import pairs  # preference data (or a preference run's own): pair metrics as well
+
+    pair_table = pairs.pair_data(run, data)
+    if pair_table is not None:
+        return pairs.evaluate_pairs(run, pair_table, data, n, expect_prefix, expect_regex, settings, save)
     train, examples, origin = held_out(run, data)
     expect = expectation(train, run, expect_prefix, expect_regex)
     chosen = examples[:n]

@@ -14,11 +14,12 @@ from typing import Any
 from habit.errors import HabitError
 
 DEFAULT_MODEL = "smollm2-135m"
+METHODS = ("sft", "dpo", "simpo", "orpo", "kto")  # losses.METHODS plus plain supervised tuning
 VAL_POINTS = 8  # validations a run makes by default (--val-every 0), besides each epoch end
 
 
-def _opt(default: Any, help: str, flag: str | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "flag": flag})
+def _opt(default: Any, help: str, flag: str | None = None, metavar: str | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "flag": flag, "metavar": metavar})
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,16 @@ class TrainSettings:
         "none", "none | fsdp: under torchrun or accelerate launch, shard the base and the adapter "
         "across the processes with FSDP2 (for bases too big to hold once a process; the default "
         "replicates them, DDP)")
+    method: str = _opt(
+        "sft", "sft | dpo | simpo | orpo | kto: what to learn from; the preference losses train on "
+        "prompt,chosen,rejected pairs (kto: prompt,completion,label) and teach what not to do")
+    beta: float | None = _opt(
+        None, "strength of the preference loss (default by method: dpo 0.1, kto 0.1, simpo 2.0, "
+        "orpo 0.1 as its odds-ratio weight); a larger beta keeps closer to the reference")
+    from_run: str | None = _opt(
+        None, "continue the adapter of this SFT run (its base, LoRA shape and template); the "
+        "frozen run is the preference reference. Without it the reference is the base",
+        flag="--from", metavar="RUN")
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "--epochs must be positive")
@@ -131,6 +142,14 @@ class TrainSettings:
                "a sharded model needs every process in each forward)")
         _check(not (self.shard == "fsdp" and self.quantize != "none"),
                "--shard fsdp cannot shard a --quantize nf4 base")
+        _check(self.method in METHODS, "--method must be " + ", ".join(METHODS[:-1]) + " or kto")
+        _check(self.beta is None or self.beta > 0, "--beta must be positive")
+        _check(self.from_run is None or self.method != "sft",
+               "--from continues a run with a preference loss; give --method dpo, simpo, orpo or kto")
+        # the reference cache and KTO's reference point run forwards some processes skip, which a
+        # sharded model (every process in every forward) cannot
+        _check(not (self.shard == "fsdp" and self.method != "sft"),
+               "--shard fsdp trains --method sft only; preference losses run replicated (DDP)")
 
 
 @dataclass(frozen=True)

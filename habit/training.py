@@ -11,7 +11,8 @@ batches as an uninterrupted one.
 
 Reading order: `_fit` is the recipe, setup → plan → prepare → (train_step, validate, checkpoint)
 per step → finish; each part is a function below it that reads alone. What a step minimises is an
-`Objective` (SFT's token loss here; habit/preference.py brings the preference losses).
+`Objective`: SFT's token loss here; habit/preference.py brings the preference losses (DPO, SimPO,
+ORPO, KTO), which differ in how the data renders and packs, which adapter starts, and a pass's loss.
 """
 
 from __future__ import annotations
@@ -170,15 +171,18 @@ def batch_loss(model, batch: Batch, pad_id: int, device, fast: fastpath.FastPath
     return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel()
 
 
-def check_fast(model, batch: Batch, pad_id: int, device, fast: fastpath.FastPaths) -> tuple[bool, float]:
+def check_fast(model, batch: Batch, pad_id: int, device, fast: fastpath.FastPaths,
+               loss_fn: Callable | None = None) -> tuple[bool, float]:
     """Loss and LoRA gradients of up to two packed rows through the fast paths and the plain path:
     (whether they agree, the larger relative difference). Same RNG for both passes.
 
     A fresh adapter has B = 0, where a wrong merge or a wrong gradient of A would go unseen (the
     merged weight equals W and A's gradient is zero on both paths); so B is set to small random
-    values for the check, then restored."""
+    values for the check, then restored. `loss_fn`: batch_loss's signature and result (a
+    preference run checks its per-sequence log-probs)."""
     import torch
 
+    loss_fn = loss_fn or batch_loss
     row = Batch(batch.rows[:2], batch.width)
     params = [p for p in model.parameters() if p.requires_grad]
     found = []
@@ -186,7 +190,7 @@ def check_fast(model, batch: Batch, pad_id: int, device, fast: fastpath.FastPath
         for paths in (None, fast):
             with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
                 torch.manual_seed(0)
-                loss, _ = batch_loss(model, row, pad_id, device, paths)
+                loss, _ = loss_fn(model, row, pad_id, device, paths)
                 loss.backward()
             grads = torch.cat([p.grad.float().flatten() for p in params if p.grad is not None])
             found.append((float(loss.detach()), grads))
@@ -227,9 +231,11 @@ FAST_TOLERANCE_BF16 = (1e-2, 0.25)
 
 
 def eval_sums(model, batches: Sequence[Batch | None], pad_id: int, device,
-              fast: fastpath.FastPaths | None = None, filler: Batch | None = None) -> tuple[float, int]:
+              fast: fastpath.FastPaths | None = None, filler: Batch | None = None,
+              loss_fn: Callable | None = None) -> tuple[float, int]:
     """(summed response-token loss, number of targets) over the batches, without gradients. A
-    None batch runs `filler` uncounted (a sharded model needs the same forwards on every process)."""
+    None batch runs `filler` uncounted (a sharded model needs the same forwards on every process).
+    `loss_fn`: another objective's pass loss, batch_loss's signature."""
     import torch
 
     total, count = 0.0, 0
@@ -237,7 +243,7 @@ def eval_sums(model, batches: Sequence[Batch | None], pad_id: int, device,
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            loss, n = batch_loss(model, batch or filler, pad_id, device, fast)
+            loss, n = (loss_fn or batch_loss)(model, batch or filler, pad_id, device, fast)
             if batch is not None:
                 total += float(loss)
                 count += n
@@ -296,10 +302,25 @@ def versions() -> dict:
 def train(table: Table, out: str | os.PathLike, model: str = DEFAULT_MODEL,
           lora: LoraSettings = LoraSettings(), settings: TrainSettings = TrainSettings(),
           force: bool = False, on_log: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train a LoRA adapter on `table` and write a run directory to `out`."""
+    """Train a LoRA adapter on `table` and write a run directory to `out`. A preference table
+    (data.load_preferences) with settings.method dpo, simpo, orpo or kto trains that loss
+    (habit/preference.py); settings.from_run continues that run's adapter on its base."""
     rundir.check_new(out, force)
-    source = models.resolve(model)
-    return _fit(table, Path(out), source, lora, settings, on_log, force=force)
+    source, lora, objective = _objective(table, model, lora, settings)
+    return _fit(table, Path(out), source, lora, settings, on_log, force=force, objective=objective)
+
+
+def _objective(table, model: str, lora: LoraSettings, settings: TrainSettings):
+    """(base source, LoRA settings, objective) for a run: SFT on a Table, a preference loss on a
+    PreferenceTable (whose --from run decides the base and the LoRA shape)."""
+    if settings.method == "sft":
+        if not isinstance(table, Table):
+            raise HabitError(f"{table.source}: preference data; pick a loss with --method dpo, "
+                             "simpo, orpo or kto")
+        return models.resolve(model), lora, Objective()
+    from habit import preference
+
+    return preference.objective(table, model, lora, settings)
 
 
 def resume(run: str | os.PathLike, on_log: Callable[[dict], None] | None = None) -> TrainResult:
@@ -310,22 +331,28 @@ def resume(run: str | os.PathLike, on_log: Callable[[dict], None] | None = None)
     from habit.data import load_examples
     from habit.settings import from_dict
 
+    from habit.data import load_preferences
+
     run = Path(run)
     info = rundir.read_run(run)
     checkpoint = latest_checkpoint(run)
     if checkpoint is None:
         raise HabitError(f"{run}: no complete checkpoint to resume from")
     d = info["data"]
-    table = load_examples(d.get("path") or d["source"], template=d.get("template_arg"),
-                          response=d.get("response_arg"))
+    settings = from_dict(TrainSettings, info["settings"]["train"])
+    if settings.method != "sft":
+        table = load_preferences(d.get("path") or d["source"])
+    else:
+        table = load_examples(d.get("path") or d["source"], template=d.get("template_arg"),
+                              response=d.get("response_arg"))
     if table.sha256 != d["sha256"]:
         raise HabitError(f"{d.get('path')}: the data changed since this run started (sha256 differs)")
     source = models.resolve(info["base"]["source"])
     if source.kind != "hub" and models.content_hash(source) != info["base"]["sha256"]:
         raise HabitError(f"{run}: base model '{source.given}' changed since this run started")
     lora = from_dict(LoraSettings, info["settings"]["lora"])
-    settings = from_dict(TrainSettings, info["settings"]["train"])
-    return _fit(table, run, source, lora, settings, on_log, checkpoint=checkpoint)
+    source, lora, objective = _objective(table, info["base"]["source"], lora, settings)
+    return _fit(table, run, source, lora, settings, on_log, checkpoint=checkpoint, objective=objective)
 
 
 def latest_checkpoint(run: Path) -> Path | None:
@@ -334,14 +361,15 @@ def latest_checkpoint(run: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def schedule(encoded: Sequence[Encoded], width: int, batch_tokens: int, seed: int):
+def schedule(encoded: Sequence[Encoded], width: int, batch_tokens: int, seed: int,
+             planner: Callable = plan_epoch):
     """Yield (epoch, fraction of the epoch done, the step's rows as one Batch, epoch end) forever.
     A step holds `batch_tokens` in total, whatever the number of processes (`share` splits it);
     an epoch's last, shorter step is trained too. A pure function of its inputs: resuming at step
     N is skipping N items."""
     epoch = 0
     while True:
-        steps = plan_epoch(encoded, width, batch_tokens, seed, epoch)
+        steps = planner(encoded, width, batch_tokens, seed, epoch)
         for k, step in enumerate(steps):
             yield epoch, (k + 1) / len(steps), step, k + 1 == len(steps)
         epoch += 1
@@ -412,10 +440,36 @@ def memory_plan(config, lora: LoraSettings, settings: TrainSettings, dtype,
 # --- the recipe: setup → plan → prepare → (step, validate, checkpoint)* → finish -------------------
 
 class Objective:
-    """What a step minimises. SFT: the summed token loss of each pass, divided by the step's target
-    count over all processes. Another objective (a preference loss) replaces both methods."""
+    """What a step minimises, and what it needs around that. SFT: the summed token loss of each
+    pass, divided by the step's target count over all processes. preference.PreferenceObjective
+    has the same methods: setup (the data as sequences), width and planner (the rows), adapter
+    (the one training starts from), start (what to compute before the first step), logged (step
+    metrics), describe (run.json's data section)."""
 
     name = "sft"
+
+    def setup(self, table, run: Path, source: models.Source, lora: LoraSettings,
+              settings: TrainSettings) -> "Setup":
+        return setup(table, run, source, lora, settings)
+
+    def width(self, encoded: Sequence[Encoded], max_len: int) -> int:
+        return row_width(encoded, max_len)
+
+    def planner(self, encoded, width: int, micro_tokens: int, seed: int, epoch: int,
+                shuffle: bool = True) -> list[Batch]:
+        return plan_epoch(encoded, width, micro_tokens, seed, epoch, shuffle)
+
+    def adapter(self, base, lora: LoraSettings):
+        return adapters.attach(base, lora)
+
+    def check_loss(self, model, batch: Batch, pad_id: int, device, fast):
+        return batch_loss(model, batch, pad_id, device, fast)
+
+    def start(self, s: "Setup", t: "Trainer", run: Path, resumed: bool) -> None:
+        pass
+
+    def before_step(self, s: "Setup", t: "Trainer", work: list) -> None:
+        pass
 
     def count(self, batch: Batch) -> int:
         """The step's normaliser: what its loss is a mean over."""
@@ -424,6 +478,19 @@ class Objective:
     def loss(self, model, batch: Batch, pad_id: int, device, fast: fastpath.FastPaths | None):
         """(summed loss of one pass, the count it covers)."""
         return batch_loss(model, batch, pad_id, device, fast)
+
+    def logged(self, accelerator, prefix: str = "") -> dict:
+        """Metrics the passes since the last call gathered, over all processes (a collective)."""
+        return {}
+
+    def describe(self, table: Table, s: "Setup") -> dict:
+        """run.json's account of the data (and anything an objective adds or overrides)."""
+        return {"data": {"source": table.source, "path": _abspath(table.source), "shape": table.shape,
+                         "sha256": table.sha256, "template_arg": _template_arg(table),
+                         "response_arg": table.response,
+                         "examples": len(table.examples), "duplicates_dropped": table.duplicates,
+                         "train": len(s.train_enc), "val": len(s.val_enc),
+                         "too_long_dropped": [list(d) for d in s.dropped + s.val_dropped]}}
 
 
 @dataclass
@@ -473,13 +540,28 @@ class Setup:
 
 def setup(table: Table, run: Path, source: models.Source, lora: LoraSettings,
           settings: TrainSettings) -> Setup:
+    train_ex, val_ex = split(table, settings.val_frac, settings.seed)
+    if not train_ex:
+        raise HabitError(f"{table.source}: no training examples left after the validation split")
+    accelerator, dtype, need, base, tokenizer = runtime(run, source, lora, settings)
+    template = choose_template(table, tokenizer)
+    stop = models.stop_ids(tokenizer, base)
+    train_enc, dropped = encode_all(train_ex, template, tokenizer, stop, settings.max_len,
+                                    settings.train_on_prompt)
+    val_enc, val_dropped = encode_all(val_ex, template, tokenizer, stop, settings.max_len,
+                                      settings.train_on_prompt)
+    if not train_enc:
+        raise HabitError(f"{table.source}: every example is longer than --max-len {settings.max_len}")
+    return Setup(accelerator, dtype, need, base, tokenizer, template, stop, train_ex, val_ex,
+                 train_enc, val_enc, dropped, val_dropped, settings.shard)
+
+
+def runtime(run: Path, source: models.Source, lora: LoraSettings, settings: TrainSettings):
+    """(accelerator, dtype, memory estimate, base, tokenizer): the processes and the base model."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    train_ex, val_ex = split(table, settings.val_frac, settings.seed)
-    if not train_ex:
-        raise HabitError(f"{table.source}: no training examples left after the validation split")
     log_with = None if settings.report_to == "none" else settings.report_to
     # accelerate only forms a CPU process group (gloo) when told cpu=True; without it, torchrun
     # on a machine with no GPU would start N independent single-process runs.
@@ -499,16 +581,7 @@ def setup(table: Table, run: Path, source: models.Source, lora: LoraSettings,
     need = memory_plan(config, lora, settings, dtype, str(device), say=accelerator.is_main_process)
     base, tokenizer = models.load_model(source, dtype=dtype, device=str(device),
                                         quantize=settings.quantize)
-    template = choose_template(table, tokenizer)
-    stop = models.stop_ids(tokenizer, base)
-    train_enc, dropped = encode_all(train_ex, template, tokenizer, stop, settings.max_len,
-                                    settings.train_on_prompt)
-    val_enc, val_dropped = encode_all(val_ex, template, tokenizer, stop, settings.max_len,
-                                      settings.train_on_prompt)
-    if not train_enc:
-        raise HabitError(f"{table.source}: every example is longer than --max-len {settings.max_len}")
-    return Setup(accelerator, dtype, need, base, tokenizer, template, stop, train_ex, val_ex,
-                 train_enc, val_enc, dropped, val_dropped, settings.shard)
+    return accelerator, dtype, need, base, tokenizer
 
 
 @dataclass
@@ -523,12 +596,13 @@ class Plan:
     val_batches: list  # this process's share of the validation set
 
 
-def plan(s: Setup, settings: TrainSettings) -> Plan:
-    width = row_width(s.train_enc + s.val_enc, settings.max_len)
+def plan(s: Setup, settings: TrainSettings, objective: Objective) -> Plan:
+    width = objective.width(s.train_enc + s.val_enc, settings.max_len)
     micro = settings.batch_tokens // settings.grad_accum
-    first_epoch = plan_epoch(s.train_enc, width, settings.batch_tokens, settings.seed, 0)
+    first_epoch = objective.planner(s.train_enc, width, settings.batch_tokens, settings.seed, 0)
     total = settings.steps or max(1, math.ceil(settings.epochs * len(first_epoch)))
-    val_batches = plan_epoch(s.val_enc, width, micro, settings.seed, 0, shuffle=False)[s.rank::s.world]
+    val_batches = objective.planner(s.val_enc, width, micro, settings.seed, 0,
+                                    shuffle=False)[s.rank::s.world]
     val_every = settings.val_every or max(1, total // VAL_POINTS)
     return Plan(width, len(first_epoch), total, val_every, first_epoch[0], val_batches)
 
@@ -551,14 +625,14 @@ class Trainer:
 
 
 def prepare(s: Setup, p: Plan, lora: LoraSettings, settings: TrainSettings,
-            checkpoint: Path | None) -> Trainer:
+            checkpoint: Path | None, objective: Objective) -> Trainer:
     """The adapter on the base, the fast paths checked against the plain path, the optimizer; then
     a checkpoint's state when resuming."""
     import torch
 
-    model = adapters.attach(s.base, lora)
+    model = objective.adapter(s.base, lora)
     model.train()
-    fast, fast_diff = _fast_paths(s, p, model, settings)
+    fast, fast_diff = _fast_paths(s, p, model, settings, objective.check_loss)
     if s.sharded:
         model = sharding.shard(model, s.dtype)  # fp32 LoRA shards: MasterWeights then holds no copies
     weights = MasterWeights([(n, q) for n, q in model.named_parameters() if q.requires_grad])
@@ -575,7 +649,8 @@ def prepare(s: Setup, p: Plan, lora: LoraSettings, settings: TrainSettings,
     return t
 
 
-def _fast_paths(s: Setup, p: Plan, model, settings: TrainSettings) -> tuple[fastpath.FastPaths, float | None]:
+def _fast_paths(s: Setup, p: Plan, model, settings: TrainSettings,
+                loss_fn: Callable) -> tuple[fastpath.FastPaths, float | None]:
     """The fast paths this run may use, and their largest difference from the plain path on the
     first step (None when none is on). All of them off when that check fails."""
     fast = fastpath.FastPaths() if settings.plain_path else fastpath.setup(model, s.device.type)
@@ -593,7 +668,7 @@ def _fast_paths(s: Setup, p: Plan, model, settings: TrainSettings) -> tuple[fast
     if not fast.names():
         return fast, None
     # before a checkpoint restores the RNG state: the check must not shift a resumed run
-    agreed, diff = check_fast(model, p.first_step, s.pad_id, s.device, fast)
+    agreed, diff = check_fast(model, p.first_step, s.pad_id, s.device, fast, loss_fn)
     agreed = _agree(s.accelerator, agreed, False, 0.0, 0)[0]  # the same paths on every rank
     return (fast if agreed else fastpath.FastPaths()), diff
 
@@ -621,6 +696,7 @@ def train_step(s: Setup, t: Trainer, step_batch: Batch, settings: TrainSettings,
     # fewer rows than processes: a zero-weight pass still joins the gradient reduction
     real = len(work)
     work = work or [Batch(step_batch.rows[:1], step_batch.width)]
+    objective.before_step(s, t, work[:real])
     if s.sharded:  # every process runs as many passes: each forward gathers weights from all of them
         work += [work[0]] * (_most(s.accelerator, len(work)) - len(work))
     with t.fast.fixed_weights():
@@ -675,30 +751,26 @@ def _most(accelerator, n: int) -> int:
     return int(accelerator.reduce(torch.tensor([n], device=accelerator.device), "max")[0])
 
 
-def validate(s: Setup, t: Trainer, p: Plan) -> float | None:
+def validate(s: Setup, t: Trainer, p: Plan, objective: Objective) -> float | None:
     """Validation loss over every process's share; the best adapter so far is kept."""
     batches = p.val_batches
     if s.sharded:  # as many forwards on every process; a filler's loss is not counted
         batches = batches + [None] * (_most(s.accelerator, len(batches)) - len(batches))
-    val_loss = _eval_across(s.accelerator, t.model, batches, s.pad_id, s.device, t.fast, p.first_step)
+    val_loss = _eval_across(s.accelerator, t.model, batches, s.pad_id, s.device, t.fast, p.first_step,
+                            objective.loss)
     t.best.offer(t.step, val_loss, t.weights)
     return val_loss
 
 
 def run_info(table: Table, source: models.Source, s: Setup, p: Plan, t: Trainer,
-             lora: LoraSettings, settings: TrainSettings) -> dict:
+             lora: LoraSettings, settings: TrainSettings, objective: Objective) -> dict:
     """run.json: what was trained on what, with which settings and plan, on which versions."""
     return {
         "status": "running",
         "base": {"source": source.given, "kind": source.kind, "sha256": models.content_hash(source)},
         "template": s.template.to_dict(),
         "template_text": s.template.describe(),
-        "data": {"source": table.source, "path": _abspath(table.source), "shape": table.shape,
-                 "sha256": table.sha256, "template_arg": _template_arg(table),
-                 "response_arg": table.response,
-                 "examples": len(table.examples), "duplicates_dropped": table.duplicates,
-                 "train": len(s.train_enc), "val": len(s.val_enc),
-                 "too_long_dropped": [list(d) for d in s.dropped + s.val_dropped]},
+        **objective.describe(table, s),
         "settings": {"lora": as_dict(lora), "train": as_dict(settings)},
         "plan": {"steps": p.total, "steps_per_epoch": p.steps_per_epoch, "row_width": p.width,
                  "processes": s.world, "sharded": s.sharded, "dtype": str(s.dtype).replace("torch.", ""),
@@ -731,16 +803,17 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
          settings: TrainSettings, on_log: Callable[[dict], None] | None, force: bool = False,
          checkpoint: Path | None = None, objective: Objective | None = None) -> TrainResult:
     objective = objective or Objective()
-    s = setup(table, run, source, lora, settings)
-    p = plan(s, settings)
-    t = prepare(s, p, lora, settings, checkpoint)
-    info = run_info(table, source, s, p, t, lora, settings)
+    s = objective.setup(table, run, source, lora, settings)
+    p = plan(s, settings, objective)
+    t = prepare(s, p, lora, settings, checkpoint, objective)
+    info = run_info(table, source, s, p, t, lora, settings, objective)
     log_with = None if settings.report_to == "none" else settings.report_to
     if s.main:
         open_run(run, info, force, None if checkpoint is None else t.step)
         if log_with:
             s.accelerator.init_trackers("habit", config=_flat(info["settings"]))
     s.accelerator.wait_for_everyone()
+    objective.start(s, t, run, resumed=checkpoint is not None)
 
     def log(row: dict) -> None:
         if s.main:
@@ -753,8 +826,8 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
 
     start, start_tokens = time.perf_counter(), t.seen_tokens
     train_loss = val_loss = None
-    steps = itertools.islice(schedule(s.train_enc, p.width, settings.batch_tokens, settings.seed),
-                             t.step, p.total)
+    steps = itertools.islice(schedule(s.train_enc, p.width, settings.batch_tokens, settings.seed,
+                                      objective.planner), t.step, p.total)
     with _StopFlag() as stop_flag:
         for epoch, done, step_batch, epoch_end in steps:
             out = train_step(s, t, step_batch, settings, stop_flag.requested, objective)
@@ -763,15 +836,17 @@ def _fit(table: Table, run: Path, source: models.Source, lora: LoraSettings,
                  "lr": t.scheduler.get_last_lr()[0], "tokens": t.seen_tokens,
                  "tokens_computed": t.computed_tokens,
                  "tokens_per_s": round((t.seen_tokens - start_tokens) / elapsed, 1),
-                 "elapsed_s": round(elapsed, 2), "total_steps": p.total})
+                 "elapsed_s": round(elapsed, 2), "total_steps": p.total,
+                 **objective.logged(s.accelerator)})
             if settings.eval_every and (t.step % settings.eval_every == 0 or last):
                 if s.main:
                     log({"step": t.step, **probe(s.accelerator.unwrap_model(t.model), s.tokenizer,
                                                  s.template, s.stop, s.val_ex or s.train_ex)})
                 s.accelerator.wait_for_everyone()
             if s.val_enc and (epoch_end or last or t.step % p.val_every == 0):  # same on every rank
-                val_loss = validate(s, t, p)
-                log({"step": t.step, "epoch": round(epoch + done, 3), "val_loss": round(val_loss, 5)})
+                val_loss = validate(s, t, p, objective)
+                log({"step": t.step, "epoch": round(epoch + done, 3), "val_loss": round(val_loss, 5),
+                     **objective.logged(s.accelerator, "val_")})
             due = t.step % settings.save_every == 0 if settings.save_every else epoch_end
             if due or last or out.stopping:
                 save_checkpoint(s.accelerator, t.model, t.weights, t.optimizer, t.scheduler, run,
@@ -966,11 +1041,13 @@ def load_checkpoint(folder: Path, weights: MasterWeights, optimizer, scheduler,
 
 
 def _eval_across(accelerator, model, batches: Sequence[Batch | None], pad_id: int, device,
-                 fast: fastpath.FastPaths | None = None, filler: Batch | None = None) -> float | None:
+                 fast: fastpath.FastPaths | None = None, filler: Batch | None = None,
+                 loss_fn: Callable | None = None) -> float | None:
     """Validation loss over every rank's share. Every rank joins the reduction, even one whose
     share is empty: a collective that only some ranks call hangs or garbles DDP."""
     # the unwrapped model: DDP's forward broadcasts buffers, a collective of its own
-    total, count = eval_sums(accelerator.unwrap_model(model), batches, pad_id, device, fast, filler)
+    total, count = eval_sums(accelerator.unwrap_model(model), batches, pad_id, device, fast, filler,
+                             loss_fn)
     if accelerator.num_processes > 1:
         import torch
 

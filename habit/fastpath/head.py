@@ -13,9 +13,11 @@ import math
 HEAD_CHUNK = 256  # rows of logits alive at once in the head loss (256-1024 measured alike on a CPU)
 
 
-def head_loss_value(hidden, weight, targets, chunk: int = HEAD_CHUNK, grad=None):
+def head_loss_value(hidden, weight, targets, chunk: int = HEAD_CHUNK, grad=None, per_token=None):
     """The summed cross-entropy of hidden @ weightᵀ against targets, chunk by chunk. With a `grad`
-    buffer (hidden's shape) it also fills in d loss / d hidden: (softmax − one-hot) @ weight.
+    buffer (hidden's shape) it also fills in d loss / d hidden: (softmax − one-hot) @ weight, and
+    with a `per_token` buffer (fp32, one a target) each token's own cross-entropy (preference
+    losses need the sums per sequence, habit/preference.py).
 
     The softmax runs in the logits' dtype, in place, with its row sums accumulated in fp32, and
     the target column (p − 1, where p ≈ 1 needs the precision) in fp32. A bf16 logits tensor is
@@ -34,6 +36,8 @@ def head_loss_value(hidden, weight, targets, chunk: int = HEAD_CHUNK, grad=None)
         sums = e.view(e.shape[0], -1, part).sum(-1).float().sum(-1, keepdim=True)
         lse = top.float() + sums.log()
         total += (lse - picked).sum()
+        if per_token is not None:
+            per_token[s : s + chunk] = (lse - picked)[:, 0]
         if grad is not None:
             probs = e.div_(sums.to(e.dtype))
             rows = torch.arange(t.numel(), device=t.device)
