@@ -8,55 +8,16 @@ output on stdout and keeps progress on stderr.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import os
 import sys
 from typing import Any, Sequence
 
 from habit.errors import HabitError, Interrupted
+from habit.flags import data_report
+from habit.flags import Help as _Help, Parser as _Parser, add_settings as _add_settings
+from habit.flags import data_flags as _data_flags, settings_from as _settings, train_flags as _train_flags
 from habit.settings import DEFAULT_MODEL, GenerationSettings, LoraSettings, TrainSettings
-
-TEMPLATE_HELP = ("prompt template with {field} placeholders; the response field ends it, e.g. "
-                 "'<act>: {act}\\n<prompt>: {prompt}' (default: inferred from the columns; "
-                 "two-column tables use the model's chat template when it has one)")
-
-
-class _Help(argparse.HelpFormatter):
-    """Show every option's default beside its help line."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS
-        if not hidden and "default" not in text:
-            text += " (default: %(default)s)"
-        return text
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's own usage errors also exit 2, in one line
-        print(f"habit: error: {message} (see '{self.prog} --help')", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def _add_settings(parser: argparse.ArgumentParser, cls: type) -> None:
-    for f in dataclasses.fields(cls):
-        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-        kind = f.type if isinstance(f.type, type) else eval(f.type, {})  # "int | None" etc.
-        if kind is bool:
-            parser.add_argument(flag, action="store_true", dest=f.name,
-                                help=f.metadata["help"].replace("%", "%%"))
-            continue
-        base = next((t for t in (bool, int, float, str) if t == kind or t in getattr(kind, "__args__", ())), str)
-        parser.add_argument(flag, type=base, default=f.default, dest=f.name,
-                            metavar=f.metadata.get("metavar") or f.name.upper(),
-                            help=f.metadata["help"].replace("%", "%%"))
-
-
-def _settings(args: argparse.Namespace, cls: type) -> Any:
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
-
 
 def _fields(pairs: Sequence[str] | None) -> dict[str, str]:
     out = {}
@@ -299,10 +260,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from habit.adapters import load_run
     from habit.evaluate import evaluate
 
+    from habit.tasks import parse_names
+
     settings = _settings(args, GenerationSettings)
+    if args.tasks is None and (args.tasks_path or args.tasks_limit is not None):
+        raise HabitError("--tasks-path and --tasks-limit need --tasks NAME[,NAME]")
     run = load_run(args.run)
     result = evaluate(run, data=args.data, n=args.n, expect_prefix=args.expect_prefix,
-                      expect_regex=args.expect_regex, settings=settings)
+                      expect_regex=args.expect_regex, settings=settings,
+                      tasks=None if args.tasks is None else parse_names(args.tasks), tasks_path=args.tasks_path or (),
+                      tasks_limit=args.tasks_limit)
     report = None
     if args.report:
         from habit.report import write_report
@@ -348,6 +315,16 @@ def print_eval(result: dict) -> None:
     table.add_row("median length (tokens; reference "
                   f"{_num(result['reference']['length']['median'])})",
                   *(_num(result[side]["length"]["median"]) for side in sides))
+    capability = result.get("capability")
+    if capability:  # lm-eval tasks: did tuning cost general ability?
+        table.add_section()
+        for name, task in capability["tasks"].items():
+            kept = "n/a" if task["retained"] is None else f"{task['retained']:.1%}"
+            table.add_row(f"{name}: {task['metric']} (n={task['n']}, retained {kept})",
+                          _num(task["base"]), _num(task["tuned"]))
+        mean = capability["retained"]
+        table.add_row("capability retained (tuned / base, mean over tasks)", "",
+                      "n/a" if mean is None else f"{mean:.1%}")
     Console().print(table)
     if expect["origin"] != "given":
         print(f"expectation {expect['origin']}")
@@ -398,7 +375,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _print_json({"url": server.url, "models": server.model_ids})
 
     serve(args.runs, args.host, args.port, args.api_key, args.max_tokens_cap, ready=ready,
-          max_queue=args.max_queue)
+          max_queue=args.max_queue, runtime_adapters=args.runtime_adapters)
+    return 0
+
+
+def cmd_studio(args: argparse.Namespace) -> int:
+    from habit.studio import serve_studio
+    from habit.studio_runs import loopback
+
+    if args.max_upload_mb <= 0:
+        raise HabitError("--max-upload-mb must be positive")
+
+    def ready(url: str) -> None:
+        print(f"habit studio on {url}  (runs in {args.runs_dir}; Ctrl-C or SIGTERM stops, a "
+              "training in flight saves a checkpoint first)", file=sys.stderr, flush=True)
+        if args.api_key is None and not loopback(args.host):
+            print(f"habit: warning: {args.host} lets other machines start trainings and read files "
+                  "here; give it an --api-key", file=sys.stderr, flush=True)
+        if args.json:
+            _print_json({"url": url, "runs_dir": args.runs_dir})
+        # on Linux only with a display: webbrowser would otherwise start a text browser in
+        # this very terminal
+        graphical = sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY") or \
+            os.environ.get("WAYLAND_DISPLAY")
+        if not args.no_browser and graphical:
+            import webbrowser
+
+            webbrowser.open(url)
+
+    serve_studio(args.runs_dir, args.host, args.port, args.api_key,
+                 int(args.max_upload_mb * (1 << 20)), ready=ready)
     return 0
 
 
@@ -419,47 +425,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from habit import data
-
-    table = data.load_examples(args.data, template=args.template, response=args.response)
-    train, val = data.split(table, args.val_frac, args.seed)
-    report: dict[str, Any] = {
-        "source": table.source, "shape": table.shape, "columns": list(table.columns),
-        "prompt_format": table.prompt_format, "response": table.response,
-        "examples": len(table.examples), "duplicates_dropped": table.duplicates,
-        "train": len(train), "val": len(val),
-    }
-    if args.model:
-        report.update(_token_stats(table, args))
+    report = data_report(args)
     if args.json:
         _print_json(report)
         return 0
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"habit data check: {table.source}", show_header=False)
+    t = Table(title=f"habit data check: {report['source']}", show_header=False)
     for key, value in report.items():
         if key != "too_long":
             t.add_row(key, str(value))
     Console().print(t)
     for where, n in report.get("too_long", [])[:10]:
-        print(f"  too long: {where} ({n} tokens > --max-len {args.max_len}; dropped in training)")
+        print(f"  too long: {where} ({n} tokens > --max-len {report['max_len']}; dropped in training)")
     return 0
-
-
-def _token_stats(table, args) -> dict:
-    from habit import models, render
-
-    tokenizer = models.load_tokenizer(models.resolve(args.model))
-    template = render.choose_template(table, tokenizer)
-    stop = [tokenizer.eos_token_id]
-    kept, dropped = render.encode_all(table.examples, template, tokenizer, stop, args.max_len)
-    lengths = sorted(len(e) for e in kept) or [0]
-    targets = sum(sum(e.loss) for e in kept)
-    return {"template": template.describe(), "tokens": sum(lengths), "loss_tokens": targets,
-            "length_min": lengths[0], "length_median": lengths[len(lengths) // 2],
-            "length_p99": lengths[min(len(lengths) - 1, math.ceil(0.99 * len(lengths)) - 1)],
-            "length_max": lengths[-1], "too_long": dropped}
 
 
 def cmd_data_preview(args: argparse.Namespace) -> int:
@@ -508,23 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help: str, parent=sub) -> argparse.ArgumentParser:
         return parent.add_parser(name, help=help, description=help, formatter_class=_Help)
 
-    def data_flags(p: argparse.ArgumentParser, optional: bool = False) -> None:
-        p.add_argument("data", nargs="?" if optional else None,
-                       help="CSV/TSV/JSON/JSONL/Parquet file, saved dataset dir or hub dataset")
-        p.add_argument("--template", help=TEMPLATE_HELP)
-        p.add_argument("--response", help="the column holding the response (default: inferred)")
+    data_flags = _data_flags
 
     p = command("train", "train a LoRA adapter and write a run directory")
-    data_flags(p, optional=True)  # DATA is left out with --resume
-    p.add_argument("--resume", metavar="RUN",
-                   help="continue RUN from its latest checkpoint (settings and data from its run.json)")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="alias, local HF model dir, .gguf file or hub id")
-    p.add_argument("--out", help="run directory (default: runs/<data file name>)")
-    _add_settings(p, LoraSettings)
-    _add_settings(p, TrainSettings)
-    p.add_argument("--force", action="store_true", help="replace an existing run directory")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    _train_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = command("generate", "answer inputs with a trained run (or its base)")
@@ -561,6 +528,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expect-prefix", help="answers should begin with this (case and spacing ignored; "
                                            "default: the opening most training responses share)")
     p.add_argument("--expect-regex", help="answers should match this regular expression")
+    p.add_argument("--tasks", metavar="NAME[,NAME]",
+                   help="also run lm-evaluation-harness tasks on base and tuned (capability retained): "
+                        "habit's own habit_mc and habit_gen, tasks in --tasks-path, or lm-eval's "
+                        "built-in tasks whose data is local")
+    p.add_argument("--tasks-path", action="append", metavar="DIR",
+                   help="a folder of lm-eval task YAMLs (and their data files) for --tasks (repeatable)")
+    p.add_argument("--tasks-limit", type=int, metavar="N",
+                   help="score at most N documents per task (default: all)")
     _add_settings(p, GenerationSettings)
     p.add_argument("--report", metavar="FILE", help="also write the HTML report to FILE")
     p.add_argument("--json", action="store_true",
@@ -599,8 +574,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "(otherwise 256)")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
                    help="most answers waiting or running; past that a request gets 503 with Retry-After")
+    p.add_argument("--runtime-adapters", action="store_true",
+                   help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's): clients "
+                        "(with the key) may then load any run directory this machine can read")
     p.add_argument("--json", action="store_true", help='print {"url": ..., "models": [...]} once ready')
     p.set_defaults(func=cmd_serve)
+
+    p = command("studio", "a browser page to prepare data, train, watch, compare and ship runs")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0 makes the page reachable from other machines: "
+                        "give it an --api-key)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (0: any free port)")
+    p.add_argument("--runs-dir", default="runs",
+                   help="folder of run directories: runs started here go there, and every run in it is listed")
+    p.add_argument("--api-key", help="require this key (the page asks for it once) on every /api/ request")
+    p.add_argument("--max-upload-mb", type=float, default=100, metavar="MB",
+                   help="largest data file the page may upload")
+    p.add_argument("--no-browser", action="store_true",
+                   help="do not open the page in a browser (it opens only where there is a display)")
+    p.add_argument("--json", action="store_true", help='print {"url": ..., "runs_dir": ...} once ready')
+    p.set_defaults(func=cmd_studio)
 
     from habit.bench import BenchOptions  # light: torch is imported only by its workers (subprocesses)
 

@@ -555,8 +555,7 @@ class PreferenceTable:
     sha256: str
 
 
-_LABELS = {True: True, False: False, "true": True, "false": False, "1": True, "0": False,
-           1: True, 0: False}
+_LABELS = {True: True, False: False, "true": True, "false": False, "1": True, "0": False}  # ints 1/0 hit True/False
 
 
 def _json_messages(value: Any) -> Any:

@@ -8,6 +8,10 @@ call: that is where the throughput under concurrent load comes from. Inside that
 criterion (Rows) ends each answer on its own: at its end token, its first stop string, or when its
 client has gone. A job ends with a Done, or an ApiError carrying the HTTP status its request should
 be answered with. The queue is bounded: past QUEUE jobs a request gets 503 with Retry-After.
+
+Adapters come and go at run time (`add`, `remove`: vLLM's load/unload_lora_adapter) as Controls
+on the same queue: the worker runs one only after the jobs queued before it, so no batch sees the
+model change under it, and a job whose adapter went away meanwhile is answered 404.
 """
 
 from __future__ import annotations
@@ -138,6 +142,35 @@ class Job:
         raise AssertionError("unreachable: items() ends with a Done")
 
 
+@dataclass(eq=False)
+class Control:
+    """Work on the model itself (load or delete an adapter), run by the worker between batches;
+    the request awaits `done`."""
+
+    action: Callable[[], object]
+    loop: asyncio.AbstractEventLoop | None = None
+    done: asyncio.Future | None = None
+
+    def __post_init__(self) -> None:
+        self.loop = self.loop or asyncio.get_running_loop()
+        self.done = self.loop.create_future()
+
+    def run(self) -> None:
+        try:
+            result, error = self.action(), None
+        except Exception as e:  # handed to the request; the worker carries on
+            result, error = None, e
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the server is stopping
+            self.loop.call_soon_threadsafe(self._settle, result, error)
+
+    def _settle(self, result, error) -> None:
+        if not self.done.done():  # the request may have been cancelled (its client left)
+            if error is None:
+                self.done.set_result(result)
+            else:
+                self.done.set_exception(error)
+
+
 class Scores(LogitsProcessor):
     """Keeps each step's scores for Rows (a stopping criterion is not given them): the model's
     distribution after any penalty, before temperature and top_p, as OpenAI's logprobs are."""
@@ -233,7 +266,13 @@ class Engine:
     """One base model carrying every run's adapter, used only by its worker thread."""
 
     def __init__(self, run, served: dict[str, Served], max_queue: int = QUEUE):
-        self.run, self.served, self.max_queue = run, served, max_queue
+        self.run, self.max_queue = run, max_queue
+        # name -> Served. Replaced, never changed in place: the event loop reads it while the
+        # worker adds to it, and a reader holding the old dict never sees it change under it
+        self.served = dict(served)
+        self.adapters = len(served)  # numbers new PEFT adapter names (runN) past load()'s
+        self.adding: set[str] = set()  # names being loaded, not yet served
+        self.parked: str | None = None  # an unloaded adapter PEFT still holds (see _delete)
         self.context = getattr(run.model.config, "max_position_embeddings", None)
         self.vocab = run.model.get_input_embeddings().weight.shape[0]
         self.grammar_tokenizer = constrain.Tokenizers(run.tokenizer, self.vocab, run.stop)
@@ -245,9 +284,72 @@ class Engine:
         self.thread.start()
 
     @property
-    def first(self) -> Served:
-        """The first run: "base" renders prompts with its template unless told otherwise."""
-        return self.served[list(self.served)[1]]
+    def first(self) -> Served | None:
+        """The first run served: "base" renders prompts with its template unless told otherwise."""
+        return next((s for s in self.served.values() if s.adapter is not None), None)
+
+    async def add(self, name: str, path: str) -> Served:
+        """Serve the run at `path` as `name` from now on; ApiError(400) if it cannot be."""
+        if not name or name == "base" or name in self.served or name in self.adding:
+            what = "is reserved" if name == "base" else "must not be empty" if not name else "is already served"
+            raise ApiError(400, f"lora_name '{name}' {what}", "lora_name", "invalid_value")
+        try:
+            info = check_run(path, self.run.info)
+        except HabitError as e:
+            raise ApiError(400, str(e), "lora_path", "invalid_value") from None
+        self.adding.add(name)
+        try:
+            self.adapters += 1
+            adapter = f"run{self.adapters}"
+
+            def load() -> Served:
+                try:
+                    self.run.model.load_adapter(str(path), adapter_name=adapter)
+                except Exception as e:
+                    if adapter in self.run.model.peft_config:  # half loaded: take it out again
+                        self._delete(adapter)
+                    raise ApiError(400, f"{path}: cannot load the adapter ({_one_line(e)})",
+                                   "lora_path", "invalid_value") from None
+                if self.parked:
+                    self._delete(self.parked)
+                served = Served(name, adapter, Template.from_dict(info["template"]), str(path))
+                self.served = {**self.served, name: served}  # see `served` in __init__
+                return served
+
+            control = Control(load)
+            self.jobs.put(control)
+            return await control.done
+        finally:
+            self.adding.discard(name)
+
+    async def remove(self, name: str) -> None:
+        """Stop serving `name` at once; its adapter leaves the model after the jobs before it."""
+        served = self.served.get(name)
+        if served is None or served.adapter is None:
+            if name == "base":
+                raise ApiError(400, "'base' is the model itself and cannot be unloaded", "lora_name",
+                               "invalid_value")
+            raise ApiError(404, f"no adapter '{name}' is loaded (see /v1/models)", "lora_name",
+                           "model_not_found")
+        self.served = {k: v for k, v in self.served.items() if k != name}
+        control = Control(lambda: self._delete(served.adapter))
+        self.jobs.put(control)
+        await control.done
+
+    def _delete(self, adapter: str) -> None:
+        """On the worker: drop an adapter from the model. PEFT cannot run a model left with no
+        adapter at all (not even with adapters disabled), so the last one is parked instead, and
+        deleted when another is loaded."""
+        model = self.run.model
+        others = [a for a in model.peft_config if a != adapter]
+        if not others:
+            self.parked = adapter
+            return
+        if adapter in model.active_adapters:
+            model.set_adapter(others[0])  # PEFT warns when the active adapter is deleted
+        model.delete_adapter(adapter)
+        if adapter == self.parked:
+            self.parked = None
 
     def submit(self, jobs: Sequence[Job]) -> list[Job]:
         """Queue a request's jobs, all or none: a full queue is a 503 the client may retry."""
@@ -284,8 +386,9 @@ class Engine:
         while not stop:
             pending = [self.jobs.get()]
             with contextlib.suppress(queue.Empty):
-                while True:
+                while pending[-1] is not None and not isinstance(pending[-1], Control):
                     pending.append(self.jobs.get_nowait())
+            control = pending.pop() if isinstance(pending[-1], Control) else None
             stop = None in pending
             pending = [j for j in pending if j is not None and self._ready(j)]
             while pending:
@@ -299,11 +402,18 @@ class Engine:
                     print(f"habit serve: generation failed: {e!r}", file=sys.stderr, flush=True)
                     for j in group:
                         j.put(ApiError(500, f"generation failed: {e}", kind="server_error"))
+            if control is not None:  # after every job queued before it
+                control.run()
 
     def _ready(self, job: Job) -> bool:
         """Tokenize the prompt (here: the worker owns the tokenizer); refuse an overflow."""
         if job.cancelled.is_set():
+            with self.lock:
+                self.cancelled += 1
             job.put(Done("", "cancelled", 0, 0))
+            return False
+        if self.served.get(job.model.name) is not job.model:
+            job.put(ApiError(404, f"model '{job.model.name}' was unloaded", "model", "model_not_found"))
             return False
         try:
             if isinstance(job.prompt, str):
@@ -390,23 +500,33 @@ def run_names(runs: Sequence[str | Path]) -> list[str]:
     return names
 
 
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def check_run(run: str | Path, first: dict) -> dict:
+    """run.json of a run that can join `first` (a run.json) on its base; HabitError if it cannot."""
+    info = rundir.read_run(run)
+    want = (first["base"]["source"], first["base"].get("sha256"))
+    got = (info["base"]["source"], info["base"].get("sha256"))
+    if got != want:
+        raise HabitError(f"{run}: trained on base '{got[0]}' (sha256 {str(got[1])[:12]}…), "
+                         f"not on '{want[0]}' (sha256 {str(want[1])[:12]}…) like the first run; "
+                         "runs served together must share one base")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (Path(run) / name).is_file():
+            raise HabitError(f"{run}: no {name} in this run (training unfinished or failed?)")
+    return info
+
+
 def load(runs: Sequence[str | Path], device: str | None = None, max_queue: int = QUEUE) -> Engine:
     """Load the first run with its base, the others as extra adapters on that same base."""
     from habit.adapters import load_run
 
     if not runs:
         raise HabitError("give at least one run directory")
-    infos = [rundir.read_run(r) for r in runs]  # a wrong path fails before torch loads
-    want = (infos[0]["base"]["source"], infos[0]["base"].get("sha256"))
-    for run, info in zip(runs[1:], infos[1:]):
-        got = (info["base"]["source"], info["base"].get("sha256"))
-        if got != want:
-            raise HabitError(f"{run}: trained on base '{got[0]}' (sha256 {str(got[1])[:12]}…), "
-                             f"not on '{want[0]}' (sha256 {str(want[1])[:12]}…) like {runs[0]}; "
-                             "runs served together must share one base")
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            if not (Path(run) / name).is_file():
-                raise HabitError(f"{run}: no {name} in this run (training unfinished or failed?)")
+    first_info = rundir.read_run(runs[0])  # a wrong path fails before torch loads
+    infos = [first_info] + [check_run(r, first_info) for r in runs[1:]]
     if device is None:
         import torch
 
@@ -420,7 +540,7 @@ def load(runs: Sequence[str | Path], device: str | None = None, max_queue: int =
         try:
             first.model.load_adapter(str(run), adapter_name=adapter)
         except Exception as e:
-            raise HabitError(f"{run}: cannot load the adapter ({' '.join(str(e).split())[:300]})")
+            raise HabitError(f"{run}: cannot load the adapter ({_one_line(e)})") from None
         served[name] = Served(name, adapter, Template.from_dict(info["template"]), str(run))
     first.model.eval()
     return Engine(first, served, max_queue)

@@ -157,11 +157,19 @@ def score(texts: Sequence[str], reasons: Sequence[str], refs: Sequence[str], exp
 
 def evaluate(run: LoadedRun, data: str | None = None, n: int = 50,
              expect_prefix: str | None = None, expect_regex: str | None = None,
-             settings: GenerationSettings = GenerationSettings(), save: bool = True) -> dict:
+             settings: GenerationSettings = GenerationSettings(), save: bool = True,
+             tasks: Sequence[str] | None = None, tasks_path: Sequence[str] = (),
+             tasks_limit: int | None = None) -> dict:
     """Base vs tuned on held-out examples. Returns (and saves as eval.json) a metrics object shaped
-    {"base": {...}, "tuned": {...}, "reference": {...}, "expectation": {...}, "examples": [...]}."""
+    {"base": {...}, "tuned": {...}, "reference": {...}, "expectation": {...}, "examples": [...]},
+    and "capability" (habit.tasks: lm-eval tasks on both sides) when `tasks` is given."""
     if n < 1:
         raise HabitError("--n must be at least 1")
+    suite = None
+    if tasks is not None:  # a wrong task name or missing task data fails before any generation
+        from habit import tasks as capability
+
+        suite = capability.load(tasks, tasks_path, tasks_limit)
     from habit import pairs  # preference data (or a preference run's own): pair metrics as well
 
     pair_table = pairs.pair_data(run, data)
@@ -198,6 +206,8 @@ def evaluate(run: LoadedRun, data: str | None = None, n: int = 50,
          "base": outputs["base"][i].text, "base_finish": outputs["base"][i].finish_reason,
          "tuned": outputs["tuned"][i].text, "tuned_finish": outputs["tuned"][i].finish_reason}
         for i in range(len(chosen))]
+    if suite is not None:
+        out["capability"] = capability.evaluate(run, suite)
     if save:
         rundir.write_json(Path(run.path) / rundir.EVAL_FILE, out)
     return out

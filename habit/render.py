@@ -189,17 +189,21 @@ def encode_all(examples: Sequence[Example], template: Template, tokenizer, stop:
     return kept, [(e.where, len(e)) for e in dropped]
 
 
-def show(enc: Encoded, tokenizer) -> str:
-    """Human view of an encoded example: loss-carrying tokens wrapped in ⟦ ⟧ (used by preview)."""
+def pieces(enc: Encoded, tokenizer) -> list[tuple[str, bool]]:
+    """An encoded example as decoded runs of text, each marked True when its tokens carry loss
+    (preview's ⟦ ⟧ and habit studio's highlighting)."""
     out, run, in_loss = [], [], False
     for token, lossy in zip(enc.ids, enc.loss):
         if lossy != in_loss and run:
-            text = tokenizer.decode(run)
-            out.append(f"⟦{text}⟧" if in_loss else text)
+            out.append((tokenizer.decode(run), in_loss))
             run = []
         in_loss = lossy
         run.append(token)
     if run:
-        text = tokenizer.decode(run)
-        out.append(f"⟦{text}⟧" if in_loss else text)
-    return "".join(out)
+        out.append((tokenizer.decode(run), in_loss))
+    return out
+
+
+def show(enc: Encoded, tokenizer) -> str:
+    """Human view of an encoded example: loss-carrying tokens wrapped in ⟦ ⟧ (used by preview)."""
+    return "".join(f"⟦{text}⟧" if lossy else text for text, lossy in pieces(enc, tokenizer))

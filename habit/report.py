@@ -230,8 +230,34 @@ def _summary(ev: dict) -> str:
         tag = f' <span class="tag {mark}">{mark}</span>' if mark else ""
         rows.append(f"<tr><th>{escape(label)}</th><td>{_fmt(b, kind)}</td><td>{_fmt(t, kind)}</td>"
                     f'<td class="{mark}">{delta}{tag}</td><td class="note">{escape(note)}</td></tr>')
+    rows += _capability_rows(ev.get("capability"))
     return ('<table id="summary"><thead><tr><th>metric</th><th>base</th><th>tuned</th><th>Δ</th>'
             f"<th>note</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def _capability_rows(cap: dict | None) -> list[str]:
+    """habit eval --tasks: each lm-eval task's score on both sides, then capability retained."""
+    if not cap:
+        return []
+    rows = []
+    for name, task in (cap.get("tasks") or {}).items():
+        b, t, higher = _num(task.get("base")), _num(task.get("tuned")), task.get("higher_is_better", True)
+        mark, delta = "", "n/a"
+        if b is not None and t is not None:
+            delta = _delta(b, t, "score")
+            gain = t - b if higher else b - t
+            mark = "better" if gain > 0 else "worse" if gain < 0 else ""
+        tag = f' <span class="tag {mark}">{mark}</span>' if mark else ""
+        note = (f"retained {_fmt(task.get('retained'), 'rate')} of the base's score; "
+                f"{task.get('n')} documents, lm-evaluation-harness")
+        label = f"{name}: {task.get('metric')}"
+        rows.append(f"<tr><th>{escape(label)}</th><td>{_fmt(b, 'score')}</td>"
+                    f'<td>{_fmt(t, "score")}</td><td class="{mark}">{delta}{tag}</td>'
+                    f'<td class="note">{escape(note)}</td></tr>')
+    rows.append(f'<tr><th>capability retained</th><td></td>'
+                f'<td>{_fmt(cap.get("retained"), "rate")}</td><td></td><td class="note">tuned / base '
+                "score, mean over the tasks above (100% = no general ability lost)</td></tr>")
+    return rows
 
 
 def _output_cell(text, finish) -> str:
@@ -340,8 +366,8 @@ def render_report(eval_obj: dict | None, metrics_rows: list[dict], run_info: dic
             + "\n".join(parts) + "\n</body></html>\n")
 
 
-def write_report(run_dir, out=None) -> Path:
-    """Write the report for a run directory to `out` (default RUN/report.html); returns the path."""
+def run_report(run_dir) -> str:
+    """The report of a run directory as HTML, from what it holds now (habit studio serves this)."""
     run = Path(run_dir)
     try:
         info = json.loads((run / rundir.RUN_FILE).read_text(encoding="utf-8"))
@@ -356,8 +382,14 @@ def write_report(run_dir, out=None) -> Path:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise HabitError(f"{run / rundir.EVAL_FILE}: corrupt eval file ({e}); run habit eval again") from None
     rows = rundir.read_jsonl(run / rundir.METRICS_FILE)
-    path = Path(out) if out else run / REPORT_FILE
+    return render_report(ev, rows, info, run_dir=str(run))
+
+
+def write_report(run_dir, out=None) -> Path:
+    """Write the report for a run directory to `out` (default RUN/report.html); returns the path."""
+    html = run_report(run_dir)
+    path = Path(out) if out else Path(run_dir) / REPORT_FILE
     if path.is_dir():
         path = path / REPORT_FILE
-    rundir.write_atomic(path, render_report(ev, rows, info, run_dir=str(run)))
+    rundir.write_atomic(path, html)
     return path

@@ -5,6 +5,8 @@
     GET  /v1/models            "base" and every served run, by its directory's name
     POST /v1/chat/completions  messages → rendered by the run's own template → answer
     POST /v1/completions       `prompt` is raw text handed to the model as is (no template)
+    POST /v1/load_lora_adapter    {"lora_name", "lora_path": RUN}: serve another run from now on
+    POST /v1/unload_lora_adapter  {"lora_name"}: stop serving it (both: --runtime-adapters, vLLM's names)
 
 Both POST endpoints stream Server-Sent Events with `"stream": true`, ending in `data: [DONE]`.
 
@@ -25,11 +27,14 @@ Why it is built this way:
   response when its client disconnects; the job is then cancelled and the worker drops it at
   its next token.
 - Runs share ONE base in memory as PEFT named adapters, owned by one worker thread
-  (habit.engine); jobs that wait together share one batched `generate` call.
+  (habit.engine); jobs that wait together for one adapter share one batched `generate` call.
+- A non-streamed request whose client disconnects is cancelled too: the handler waits for its
+  answer and for the disconnect at once, whichever comes first.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -44,15 +49,15 @@ from typing import AsyncIterator, Callable, Sequence
 
 import uvicorn
 from fastapi import FastAPI, Request as HttpRequest
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from habit import constrain, generation
+from habit import serve_api as api
 from habit.data import Message
 from habit.engine import BATCH, QUEUE, ApiError, Done, Engine, Job, Served, Token, load
 from habit.errors import HabitError
 from habit.render import Template
-from habit.serve_api import ChatRequest, CompletionRequest, validate
 from habit.settings import GenerationSettings
 
 TOP_LOGPROBS = 5  # most alternatives listed per token (OpenAI's completions limit)
@@ -88,8 +93,9 @@ class Request:
 
 def parse(body: dict, chat: bool, engine: Engine, cap: int | None) -> Request:
     """Check a request body and render its prompt(s); every problem is an ApiError(400/404)."""
-    r = validate(ChatRequest if chat else CompletionRequest, body)
-    if r.model not in engine.served:
+    r = api.validate(api.ChatRequest if chat else api.CompletionRequest, body)
+    model = engine.served.get(r.model)
+    if model is None:
         raise ApiError(404, f"model '{r.model}' is not served here (see /v1/models)", "model",
                        "model_not_found")
     max_tokens = r.max_tokens if r.max_tokens is not None else r.max_completion_tokens
@@ -111,7 +117,6 @@ def parse(body: dict, chat: bool, engine: Engine, cap: int | None) -> Request:
     stops = [r.stop] if isinstance(r.stop, str) else (r.stop or [])
     if len(stops) > 4 or not all(stops):
         raise ApiError(400, "'stop' must be a string or up to 4 non-empty strings", "stop", "invalid_type")
-    model = engine.served[r.model]
     if chat:
         template = _template(r.render_as, model, engine)
         prompts = [_chat_prompt(r.messages, r.fields or {}, template, engine.run.tokenizer)]
@@ -156,7 +161,9 @@ def _logprobs(r, chat: bool) -> int | None:
 def _template(render_as: str | None, model: Served, engine: Engine) -> Template:
     if model.adapter is not None:
         return model.template
-    other = engine.served.get(render_as or engine.first.name)
+    if render_as is None:  # the first run served; with none left, the one base started with
+        return (engine.first or model).template
+    other = engine.served.get(render_as)
     if other is None or other.adapter is None:
         raise ApiError(400, "'render_as' must name a served run", "render_as", "invalid_value")
     return other.template
@@ -190,73 +197,112 @@ def _chat_prompt(raw: list, fields: dict, template: Template, tokenizer) -> str:
                        "fields", "invalid_value") from None
 
 
-def _usage(results: Sequence[Done]) -> dict:
+def _usage(results: Sequence[Done]) -> api.Usage:
     p, c = sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    return api.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
 
-def _choice(req: Request, i: int, text: str | None, finish: str | None, delta: bool) -> dict:
+def _chunk(req: Request, head: dict, text: str | None = None, finish: str | None = None,
+           first: bool = False):
+    """One streamed event's object: a piece of text, or (with `finish`) the end."""
     if not req.chat:
-        return {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
-    content = {} if text is None else {"content": text}
-    if delta:
-        return {"index": i, "delta": content, "logprobs": None, "finish_reason": finish}
-    return {"index": i, "message": {"role": "assistant", **content}, "logprobs": None,
-            "finish_reason": finish}
+        return api.Completion(**head, choices=[api.CompletionChoice(
+            index=0, text=text or "", logprobs=None, finish_reason=finish)], usage=None)
+    delta = api.Delta(role="assistant", content="") if first else api.Delta(content=text)
+    return api.ChatCompletionChunk(**head, choices=[api.ChunkChoice(
+        index=0, delta=delta, logprobs=None, finish_reason=finish)])
 
 
-def _answer(req: Request, i: int, done: Done) -> dict:
+def _answer(req: Request, i: int, done: Done):
     """A whole (not streamed) choice, with echo and logprobs where asked."""
     if req.chat:
-        choice = _choice(req, i, done.text, done.finish_reason, False)
+        logprobs = None
         if done.tokens is not None:
-            choice["logprobs"] = {"content": [_chat_token(t) | {"top_logprobs": [
-                _chat_token(Token(text, lp)) for text, lp in t.top]} for t in done.tokens]}
-        return choice
-    choice = _choice(req, i, done.prompt_text + done.text, done.finish_reason, False)
+            logprobs = api.ChatLogprobs(content=[api.TokenLogprob(
+                **_chat_token(t), top_logprobs=[api.TopLogprob(**_chat_token(Token(text, lp)))
+                                                for text, lp in t.top]) for t in done.tokens])
+        return api.ChatChoice(index=i, message=api.AssistantMessage(content=done.text),
+                              logprobs=logprobs, finish_reason=done.finish_reason)
+    logprobs = None
     if done.tokens is not None:
         tokens = (done.prompt or []) + done.tokens
         offsets, at = [], 0
         for t in tokens:
             offsets.append(at)
             at += len(t.text)
-        choice["logprobs"] = {"tokens": [t.text for t in tokens],
-                              "token_logprobs": [t.logprob for t in tokens],
-                              # tokens that decode alike (partial characters) share a key: the likeliest wins
-                              "top_logprobs": [None if t.logprob is None else dict(reversed(t.top))
-                                               for t in tokens],
-                              "text_offset": offsets}
-    return choice
+        logprobs = api.CompletionLogprobs(
+            tokens=[t.text for t in tokens], token_logprobs=[t.logprob for t in tokens],
+            # tokens that decode alike (partial characters) share a key: the likeliest wins
+            top_logprobs=[None if t.logprob is None else dict(reversed(t.top)) for t in tokens],
+            text_offset=offsets)
+    return api.CompletionChoice(index=i, text=done.prompt_text + done.text, logprobs=logprobs,
+                                finish_reason=done.finish_reason)
 
 
 def _chat_token(t: Token) -> dict:
     return {"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode())}
 
 
-def _event(obj: dict) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+def _event(obj) -> bytes:
+    return b"data: " + obj.json_bytes() + b"\n\n"
 
 
 # ---------------------------------------------------------------- HTTP
 
 
-def _error_response(e: ApiError) -> JSONResponse:
+def _json(obj, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(obj.json_bytes(), status, headers=headers, media_type="application/json")
+
+
+def _error_response(e: ApiError) -> Response:
     headers = {**e.headers, **({"WWW-Authenticate": "Bearer"} if e.status == 401 else {})}
-    return JSONResponse(e.body(), e.status, headers=headers)
+    return _json(api.ErrorResponse.model_validate(e.body()), e.status, headers)
 
 
-async def _read_json(request) -> dict:
-    """The body as a JSON object; over MAX_BODY is 413, after reading (and dropping) a moderately
-    large body: closing on unread data resets the connection and the client may never see it."""
-    data, size = bytearray(), 0
+async def _gone(request) -> None:
+    """Returns once the client has disconnected. The body is read by now, so the next ASGI
+    message is the disconnect (uvicorn sends it also once the response is out)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _answered(request, jobs: Sequence[Job]) -> list[Done] | None:
+    """The jobs' results, or None if the client left first (its jobs are then cancelled, and
+    the worker drops them at their next token, as for a closed stream)."""
+    results = asyncio.ensure_future(asyncio.gather(*(job.result() for job in jobs)))
+    gone = asyncio.ensure_future(_gone(request))
+    try:
+        await asyncio.wait({results, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if results.done():
+        return results.result()
+    results.cancel()
+    for job in jobs:
+        job.cancel()
+    return None
+
+
+async def body_chunks(request, limit: int, read_at_most: int) -> AsyncIterator[bytes]:
+    """The body's chunks; once past `limit` bytes, 413 — after reading (and dropping) up to
+    `read_at_most` bytes: closing on unread data resets the connection and the client may never
+    see the 413. Shared with habit studio's uploads."""
+    size = 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size <= MAX_BODY:
-            data += chunk
-        elif size > 16 * MAX_BODY:
+        if size <= limit:
+            yield chunk
+        elif size > read_at_most:
             break
-    if size > MAX_BODY:
-        raise ApiError(413, f"request body over {MAX_BODY} bytes", code="request_too_large")
+    if size > limit:
+        raise ApiError(413, f"request body over {limit} bytes", code="request_too_large")
+
+
+async def _read_json(request, limit: int = MAX_BODY) -> dict:
+    """The body as a JSON object; over `limit` is 413 (read up to 16 times that first)."""
+    data = bytearray()
+    async for chunk in body_chunks(request, limit, 16 * limit):
+        data += chunk
     try:
         body = json.loads(bytes(data))
     except (ValueError, UnicodeDecodeError) as e:
@@ -266,9 +312,17 @@ async def _read_json(request) -> dict:
     return body
 
 
-def build_app(server: "Server"):
-    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    engine = server.engine
+def check_api_key(request, api_key: str | None) -> None:
+    """401 unless the request carries 'Authorization: Bearer KEY' (no key set: everything passes)."""
+    if api_key is not None:
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
+            raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                           code="invalid_api_key")
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's {"error": {message, type, param, code}} body (habit studio too)."""
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
@@ -289,12 +343,14 @@ def build_app(server: "Server"):
     async def internal(request, e: Exception):
         return _error_response(ApiError(500, f"internal error: {e}", kind="server_error"))
 
+
+def build_app(server: "Server"):
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    engine = server.engine
+    add_error_handlers(app)
+
     def authorize(request) -> None:
-        if server.api_key is not None:
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, f"Bearer {server.api_key}".encode()):
-                raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
-                               code="invalid_api_key")
+        check_api_key(request, server.api_key)
 
     @app.get("/")
     async def page():
@@ -302,7 +358,7 @@ def build_app(server: "Server"):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": server.model_ids, "waiting": engine.waiting,
+        return {"status": "ok", "models": list(engine.served), "waiting": engine.waiting,
                 "cancelled": engine.cancelled}
 
     @app.get("/v1/models")
@@ -310,33 +366,57 @@ def build_app(server: "Server"):
         authorize(request)
         data = []
         for s in engine.served.values():
-            template = s.template if s.adapter else engine.first.template
-            data.append({"id": s.name, "object": "model", "created": server.started,
-                         "owned_by": "habit", "path": s.path, "template": template.kind,
-                         "input_fields": template.input_fields()})
-        return {"object": "list", "data": data}
+            template = _template(None, s, engine)
+            data.append(api.ModelCard(
+                id=s.name, created=server.started, root=s.path if s.adapter else server.base,
+                parent=None if s.adapter is None else "base", path=s.path, template=template.kind,
+                input_fields=template.input_fields()))
+        return _json(api.ModelList(data=data))
 
     async def complete(request: HttpRequest, chat: bool):
         authorize(request)
         req = parse(await _read_json(request), chat, engine, server.max_tokens_cap)
         jobs = engine.submit(req.jobs())
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
-                "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": req.model.name}
         try:
             if not req.stream:
-                results = [await job.result() for job in jobs]
+                results = await _answered(request, jobs)
+                if results is None:  # nobody is left to read an answer
+                    return Response(status_code=204)
                 choices = [_answer(req, i, r) for i, r in enumerate(results)]
-                return JSONResponse({**head, "choices": choices, "usage": _usage(results)})
+                kind = api.ChatCompletion if chat else api.Completion
+                return _json(kind(**head, choices=choices, usage=_usage(results)))
             items = jobs[0].items()
             first = await anext(items)  # a refused prompt is still an HTTP error, not an event
         except BaseException:
             for job in jobs:
                 job.cancel()
             raise
-        head["object"] += ".chunk" if chat else ""
         return StreamingResponse(_events(req, jobs[0], first, items, head),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def runtime_adapters() -> None:
+        if not server.runtime_adapters:
+            raise ApiError(404, "loading adapters at run time is off (start habit serve with "
+                                "--runtime-adapters)", code="not_found")
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: HttpRequest):
+        authorize(request)
+        runtime_adapters()
+        r = api.validate(api.LoadAdapterRequest, await _read_json(request))
+        await engine.add(r.lora_name, r.lora_path)
+        # vLLM's answer, word for word: scripts written for vLLM may look for it
+        return PlainTextResponse(f"Success: LoRA adapter '{r.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: HttpRequest):
+        authorize(request)
+        runtime_adapters()
+        r = api.validate(api.UnloadAdapterRequest, await _read_json(request))
+        await engine.remove(r.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{r.lora_name}' removed successfully.")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HttpRequest):
@@ -352,17 +432,17 @@ def build_app(server: "Server"):
 async def _events(req: Request, job: Job, first, items: AsyncIterator, head: dict) -> AsyncIterator[bytes]:
     try:
         if req.chat:  # OpenAI's first chunk carries the role
-            yield _event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                               "logprobs": None, "finish_reason": None}]})
+            yield _event(_chunk(req, head, first=True))
         item = first
         while not isinstance(item, Done):
-            yield _event({**head, "choices": [_choice(req, 0, item, None, True)]})
+            yield _event(_chunk(req, head, item))
             item = await anext(items)
-        yield _event({**head, "choices": [_choice(req, 0, None, item.finish_reason, True)]})
+        yield _event(_chunk(req, head, finish=item.finish_reason))
         if req.usage_in_stream:
-            yield _event({**head, "choices": [], "usage": _usage([item])})
+            kind = api.ChatCompletionChunk if req.chat else api.Completion
+            yield _event(kind(**head, choices=[], usage=_usage([item])))
     except ApiError as e:  # headers are out: the error travels as an event
-        yield _event(e.body())
+        yield _event(api.ErrorResponse.model_validate(e.body()))
     finally:
         job.cancel()  # the client left (or the job is done and this does nothing)
     yield b"data: [DONE]\n\n"
@@ -373,24 +453,17 @@ class Server:
     thread, `stop()` from anywhere (a signal handler too), then `close()`."""
 
     def __init__(self, engine: Engine, host: str, port: int, api_key: str | None = None,
-                 max_tokens_cap: int | None = None):
+                 max_tokens_cap: int | None = None, runtime_adapters: bool = False):
         self.engine, self.api_key, self.max_tokens_cap = engine, api_key, max_tokens_cap
-        self.model_ids = list(engine.served)
+        self.runtime_adapters = runtime_adapters
+        self.model_ids = list(engine.served)  # at start; /health and /v1/models say what is now
+        self.base = engine.run.info["base"]["source"]
         self.started = int(time.time())
         self.page = PAGE.read_text(encoding="utf-8").replace(
             "__NEEDS_KEY__", "true" if api_key else "false")
-        self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        try:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.socket.bind((host, port))
-            self.socket.listen(1024)
-        except OSError:
-            self.socket.close()
-            raise
+        self.socket = bind(host, port)
         self.server_address = self.socket.getsockname()
-        config = uvicorn.Config(build_app(self), log_config=None, access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=None)
-        self.uvicorn = _Uvicorn(config)
+        self.uvicorn = uvicorn_server(build_app(self))
         self.finished = threading.Event()  # set when serve_forever has returned
 
     @property
@@ -422,6 +495,32 @@ class Server:
     server_close = close  # http.server's name, kept for callers
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: a free one); OSError as socket.bind raises it."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def listen_error(host: str, port: int, e: OSError) -> HabitError:
+    reason = "the port is in use" if e.errno == 98 else (e.strerror or str(e))
+    return HabitError(f"cannot listen on {host}:{port}: {reason}")
+
+
+def uvicorn_server(app) -> "_Uvicorn":
+    """uvicorn for `app` on a socket the caller binds: `.run(sockets=[sock])`, stop by setting
+    `.should_exit` (habit studio serves this way too)."""
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=None)
+    return _Uvicorn(config)
+
+
 class _Uvicorn(uvicorn.Server):
     """uvicorn.Server without its own signal handling: serve() installs ours, and uvicorn's would
     re-raise SIGTERM after the graceful stop, so the process would not exit 0."""
@@ -433,8 +532,11 @@ class _Uvicorn(uvicorn.Server):
 
 def make_server(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
                 api_key: str | None = None, max_tokens_cap: int | None = None,
-                device: str | None = None, max_queue: int = QUEUE) -> Server:
-    """Load the runs and bind host:port (port 0: a free one); serve with `.serve_forever()`."""
+                device: str | None = None, max_queue: int = QUEUE,
+                runtime_adapters: bool = False) -> Server:
+    """Load the runs and bind host:port (port 0: a free one); serve with `.serve_forever()`.
+    `runtime_adapters` opens /v1/load_lora_adapter and /v1/unload_lora_adapter: off by default,
+    as in vLLM, since any client holding the key can then make the server read a directory."""
     if not 0 <= port <= 65535:
         raise HabitError(f"--port {port}: must be between 0 and 65535")
     if max_tokens_cap is not None and max_tokens_cap < 1:
@@ -445,19 +547,20 @@ def make_server(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int =
         raise HabitError("--max-queue must be at least 1")
     engine = load(runs, device, max_queue)
     try:
-        return Server(engine, host, port, api_key, max_tokens_cap)
+        return Server(engine, host, port, api_key, max_tokens_cap, runtime_adapters)
     except OSError as e:
         engine.close()
-        reason = "the port is in use" if e.errno == 98 else (e.strerror or str(e))
-        raise HabitError(f"cannot listen on {host}:{port}: {reason}") from None
+        raise listen_error(host, port, e) from None
 
 
 def serve(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_tokens_cap: int | None = None,
-          ready: Callable[[Server], None] | None = None, max_queue: int = QUEUE) -> None:
+          ready: Callable[[Server], None] | None = None, max_queue: int = QUEUE,
+          runtime_adapters: bool = False) -> None:
     """Serve runs until SIGTERM / Ctrl-C; in-flight requests finish first. `ready(server)` is
     called once the port is bound and the models are loaded."""
-    server = make_server(runs, host, port, api_key, max_tokens_cap, max_queue=max_queue)
+    server = make_server(runs, host, port, api_key, max_tokens_cap, max_queue=max_queue,
+                         runtime_adapters=runtime_adapters)
     previous = {}
 
     def restore(*_) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -145,6 +147,32 @@ def llama_server():
 def complete(server, prompt: str, n: int = 8) -> dict:
     return server.handle_completions({"prompt": prompt, "max_tokens": n, "temperature": 0,
                                       "top_k": 1, "ignore_eos": True, "logprobs": 1})
+
+
+CHROMIUM = "/usr/bin/chromium"
+# headless, and nothing that reaches the network on its own (updates, sync, field trials)
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's Chromium; installed once with apt when missing and this process may (root + apt)."""
+    if os.access(CHROMIUM, os.X_OK):
+        return CHROMIUM
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("chromium is not installed and cannot be installed here (needs root and apt-get)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium"]):
+        try:
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            pytest.skip(f"{' '.join(cmd)} timed out")
+        if done.returncode != 0:
+            pytest.skip(f"{' '.join(cmd)} failed: {(done.stderr or done.stdout).strip()[-300:]}")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"apt-get installed chromium but {CHROMIUM} is missing")
+    return CHROMIUM
 
 
 def _has_smollm2() -> bool:

@@ -15,7 +15,8 @@ LAYERS = [
     {"render"},
     {"adapters", "fastpath", "sharding"},
     {"training", "preference", "generation", "constrain"},
-    {"evaluate", "pairs", "report", "export", "ollama", "engine", "serve", "serve_api", "bench", "bench_workers"},
+    {"evaluate", "tasks", "pairs", "report", "export", "ollama", "engine", "serve", "serve_api", "bench",
+     "bench_workers", "flags", "studio", "studio_runs"},
     {"cli"},
     {"__init__", "__main__"},
 ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import shutil
 import struct
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import CHROMIUM_FLAGS as FLAGS
 from habit import rundir
 from habit.errors import HabitError
 from habit.report import render_report, svg_bars, svg_line_chart, write_report
@@ -161,31 +161,6 @@ def test_write_report_without_run_json(tmp_path):
 
 
 # --- a real browser --------------------------------------------------------------------------
-
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-@pytest.fixture(scope="session")
-def chromium():
-    """Debian's Chromium; installed once with apt when missing and this process may (root + apt)."""
-    if os.access(CHROMIUM, os.X_OK):
-        return CHROMIUM
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("chromium is not installed and cannot be installed here (needs root and apt-get)")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium"]):
-        try:
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        except subprocess.TimeoutExpired:
-            pytest.skip(f"{' '.join(cmd)} timed out")
-        if done.returncode != 0:
-            pytest.skip(f"{' '.join(cmd)} failed: {(done.stderr or done.stdout).strip()[-300:]}")
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"apt-get installed chromium but {CHROMIUM} is missing")
-    return CHROMIUM
-
 
 def browse(chromium: str, tmp: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([chromium, *FLAGS, f"--user-data-dir={tmp / 'profile'}", *args],

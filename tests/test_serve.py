@@ -139,7 +139,7 @@ AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
 @pytest.fixture(scope="module")
 def server(runs, tmp_path_factory):
     s = Served([runs["roles"], runs["roles-2"], runs["text"], "--api-key", KEY,
-                "--max-tokens-cap", str(CAP)], tmp_path_factory.mktemp("serve-log"))
+                "--max-tokens-cap", str(CAP), "--runtime-adapters"], tmp_path_factory.mktemp("serve-log"))
     yield s
     code, err = s.stop()
     assert code == 0, err
@@ -227,6 +227,28 @@ def test_stream_ends_with_done(server):
     assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
     events = [e for e in body.split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    # OpenAI's shapes, field for field: the role opens, the last delta is empty, nulls are sent
+    assert chunks[0]["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                     "logprobs": None, "finish_reason": None}]
+    assert chunks[-1]["choices"][0]["delta"] == {} and chunks[-1]["choices"][0]["finish_reason"]
+    assert all(set(c) == {"id", "object", "created", "model", "choices", "usage"} for c in chunks)
+
+
+def test_response_shapes(server):
+    """Non-streamed answers as OpenAI writes them (habit.serve_api's response models)."""
+    status, chat, _ = request(server.port, "POST", "/v1/chat/completions", CHAT, AUTH)
+    assert status == 200 and set(chat) == {"id", "object", "created", "model", "choices", "usage"}
+    assert set(chat["choices"][0]) == {"index", "message", "logprobs", "finish_reason"}
+    assert chat["choices"][0]["logprobs"] is None and chat["choices"][0]["message"]["role"] == "assistant"
+    status, text, _ = request(server.port, "POST", "/v1/completions",
+                              {"model": "base", "prompt": "Poet", "max_tokens": 2}, AUTH)
+    assert status == 200 and text["object"] == "text_completion"
+    assert set(text["choices"][0]) == {"index", "text", "logprobs", "finish_reason"}
+    status, models, _ = request(server.port, "GET", "/v1/models", None, AUTH)
+    base = models["data"][0]
+    assert base["id"] == "base" and base["parent"] is None and base["path"] == ""
+    assert all(m["parent"] == "base" and m["root"] == m["path"] for m in models["data"][1:])
 
 
 def test_completions_take_raw_text(client, reference):
@@ -318,6 +340,134 @@ def test_bad_requests(server, method, path, body, status, code):
     assert request(server.port, "GET", "/health")[0] == 200  # still serving
 
 
+# ---------------------------------------------------------------- adapters at run time
+
+
+@pytest.fixture(scope="module")
+def late_run(tiny_model, roles_csv, tmp_path_factory) -> str:
+    """A run the server does not start with, unlike every other run here (its own seed)."""
+    out = tmp_path_factory.mktemp("late") / "late"
+    train(load_examples(roles_csv), out, model=tiny_model,
+          settings=TrainSettings(steps=2, batch_tokens=512, max_len=256, seed=2, lr=5e-2,
+                                 precision="fp32"))
+    return str(out)
+
+
+def adapter(port: int, action: str, body: dict) -> tuple[int, object]:
+    status, answer, _ = request(port, "POST", f"/v1/{action}_lora_adapter", body, AUTH)
+    return status, answer
+
+
+def generate_cli(capsys, run: str, inputs: list[str], max_tokens: int) -> list[str]:
+    """`habit generate RUN INPUT... --json` with the API's sampling (greedy, no penalty)."""
+    assert main(["generate", run, *inputs, "--json", "--max-new-tokens", str(max_tokens),
+                 "--repetition-penalty", "1.0"]) == 0
+    return [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()]
+
+
+def test_load_and_unload_an_adapter_at_run_time(server, client, reference, late_run, runs, tmp_path, capsys):
+    """vLLM's endpoints: a run loaded into the live server answers as `habit generate` does on it,
+    in batches of its own beside the other runs' requests; unloaded, it is gone (404)."""
+    before = [m.id for m in client.models.list().data]
+    status, text = adapter(server.port, "load", {"lora_name": "late", "lora_path": late_run})
+    assert (status, text) == (200, "Success: LoRA adapter 'late' added successfully.")
+    cards = {m["id"]: m for m in request(server.port, "GET", "/v1/models", None, AUTH)[1]["data"]}
+    assert list(cards) == before + ["late"]
+    assert cards["late"]["parent"] == "base" and cards["late"]["root"] == late_run
+    assert "late" in health(server.port)["models"]
+    want = generate_cli(capsys, late_run, ROLES, 12)
+    assert want != [reference("base", role, 12)[0].text for role in ROLES]  # an adapter of its own
+    jobs = [(role, model) for role in ROLES for model in ("late", "roles")]
+
+    def ask(job):
+        role, model = job
+        return client.chat.completions.create(model=model, messages=[{"role": "user", "content": role}],
+                                              max_tokens=12).choices[0].message.content
+
+    with ThreadPoolExecutor(8) as pool:  # concurrent requests for two adapters
+        got = dict(zip(jobs, pool.map(ask, jobs)))
+    assert [got[(role, "late")] for role in ROLES] == want
+    assert [got[(role, "roles")] for role in ROLES] == [reference("roles", r, 12)[0].text for r in ROLES]
+
+    # refused, each with one line naming the problem
+    other = tmp_path / "other-base"
+    shutil.copytree(late_run, other)
+    info = json.loads((other / "run.json").read_text())
+    info["base"]["sha256"] = "0" * 64
+    (other / "run.json").write_text(json.dumps(info))
+    for body, words in [({"lora_name": "late", "lora_path": late_run}, "already served"),
+                        ({"lora_name": "base", "lora_path": late_run}, "reserved"),
+                        ({"lora_name": "x", "lora_path": str(tmp_path / "nope")}, "no such run directory"),
+                        ({"lora_name": "x", "lora_path": str(tmp_path)}, "not a habit run"),
+                        ({"lora_name": "x", "lora_path": str(other)}, "must share one base"),
+                        ({"lora_name": "x"}, "'lora_path' is required")]:
+        status, answer = adapter(server.port, "load", body)
+        assert status == 400 and words in answer["error"]["message"], (body, answer)
+        assert "\n" not in answer["error"]["message"]
+
+    status, text = adapter(server.port, "unload", {"lora_name": "late"})
+    assert (status, text) == (200, "Success: LoRA adapter 'late' removed successfully.")
+    assert [m.id for m in client.models.list().data] == before
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="late", messages=[{"role": "user", "content": "Poet"}])
+    status, answer = adapter(server.port, "unload", {"lora_name": "late"})
+    assert status == 404 and answer["error"]["code"] == "model_not_found"
+    assert adapter(server.port, "unload", {"lora_name": "base"})[0] == 400
+    # the name is free again, and the run answers as before under it
+    assert adapter(server.port, "load", {"lora_name": "late", "lora_path": late_run})[0] == 200
+    assert ask(("Poet", "late")) == want[0]
+    assert adapter(server.port, "unload", {"lora_name": "late"})[0] == 200
+
+
+def test_unload_every_run(runs, reference):
+    """With no run left, the base still answers (rendered with the template it started with), and
+    a run loaded afterwards answers as its library counterpart does."""
+    server = make_server([runs["roles"]], port=0, runtime_adapters=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+    ask = {"messages": [{"role": "user", "content": "Poet"}], "max_tokens": 10}
+    try:
+        status, text, _ = request(port, "POST", "/v1/unload_lora_adapter", {"lora_name": "roles"})
+        assert status == 200, text
+        status, models, _ = request(port, "GET", "/v1/models")
+        assert [m["id"] for m in models["data"]] == ["base"] and models["data"][0]["template"] == "chat"
+        status, body, _ = request(port, "POST", "/v1/chat/completions", {"model": "base", **ask})
+        assert status == 200 and body["choices"][0]["message"]["content"] == reference("base", "Poet", 10)[0].text
+        status, _, _ = request(port, "POST", "/v1/load_lora_adapter",
+                               {"lora_name": "again", "lora_path": runs["roles-2"]})
+        assert status == 200
+        status, body, _ = request(port, "POST", "/v1/chat/completions", {"model": "again", **ask})
+        assert body["choices"][0]["message"]["content"] == reference("roles-2", "Poet", 10)[0].text
+        status, body, _ = request(port, "POST", "/v1/chat/completions", {"model": "base", **ask})
+        assert body["choices"][0]["message"]["content"] == reference("base", "Poet", 10)[0].text
+    finally:
+        server.stop()
+        thread.join(timeout=30)
+        server.close()
+
+
+def test_run_directory_is_an_adapter_folder_vllm_reads(runs):
+    """`vllm serve BASE --enable-lora --lora-modules NAME=RUN` (docs/ship.md) reads the run
+    directory itself: PEFT's two files at its top, LoRA tensors under PEFT's standard names, and
+    none of what vLLM's loader refuses (extra trained modules, biases, DoRA). vLLM cannot be
+    installed here (no GPU build), so its loader's documented requirements are checked instead."""
+    from safetensors import safe_open
+
+    run = Path(runs["roles"])
+    config = json.loads((run / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] <= 16  # vLLM's default --max-lora-rank
+    assert not config["modules_to_save"] and config["bias"] == "none" and not config["use_dora"]
+    with safe_open(str(run / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    parts = [re.fullmatch(r"base_model\.model\.(.+)\.(lora_A|lora_B)\.weight", k) for k in keys]
+    assert keys and all(parts), keys
+    modules = {p.group(1) for p in parts}
+    assert {m.rsplit(".", 1)[1] for m in modules} <= {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                      "gate_proj", "up_proj", "down_proj"}
+    assert len(keys) == 2 * len(modules)  # an A and a B for each
+
+
 # ---------------------------------------------------------------- load, shutdown, page
 
 
@@ -395,6 +545,35 @@ def test_closed_stream_frees_the_worker(server):
         assert time.monotonic() < deadline, h
         time.sleep(0.05)
     assert h["cancelled"] == before + 1
+
+
+def test_closed_request_frees_the_worker(runs):
+    """A non-streamed request whose client leaves is cancelled too, not generated to the end.
+    Under a JSON grammar a random tiny model never closes its string, so unless cancelled the
+    answer would run all 400 tokens."""
+    server = make_server([runs["roles"]], port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/v1/completions", headers={"Content-Type": "application/json"},
+                     body=json.dumps({"model": "base", "prompt": "Poet", "max_tokens": 400,
+                                      "response_format": {"type": "json_object"}}))
+        deadline = time.monotonic() + 30
+        while not health(port)["waiting"]:  # the job is in
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        while (h := health(port))["waiting"] or not h["cancelled"]:
+            assert time.monotonic() < deadline, h  # it ran to the end: nobody cancelled it
+            time.sleep(0.05)
+        assert h["cancelled"] == 1
+    finally:
+        server.stop()
+        thread.join(timeout=30)
+        server.close()
 
 
 def test_full_queue_answers_503(runs):
@@ -504,6 +683,9 @@ def test_server_in_a_thread(runs):
         assert status == 200 and body["choices"][0]["finish_reason"] in ("stop", "length")
         status, html, _ = request(server.server_address[1], "GET", "/")
         assert "const NEEDS_KEY = false;" in html
+        status, body, _ = request(server.server_address[1], "POST", "/v1/load_lora_adapter",
+                                  {"lora_name": "x", "lora_path": runs["roles"]})
+        assert status == 404 and "--runtime-adapters" in body["error"]["message"]
     finally:
         server.shutdown()  # returns once serve_forever has
         thread.join(timeout=10)

@@ -140,3 +140,16 @@ def test_default_max_len_is_what_a_micro_batch_holds():
     assert TrainSettings(batch_tokens=8192, grad_accum=2).max_len == 4096
     assert TrainSettings(max_len=300).max_len == 300
     assert as_dict(TrainSettings(batch_tokens=4096))["max_len"] == 4096
+
+
+def test_preference_methods_default_to_a_gentler_recipe():
+    """--method dpo|simpo|orpo|kto default to --lr 1e-4 and 1 epoch (SFT: 1e-3, 3): at SFT's
+    numbers DPO on the tutorial's table unlearned the stopping SFT taught (docs/preference.md).
+    Resolved in the settings, so run.json records the numbers; a given value always wins."""
+    from habit.settings import TrainSettings, as_dict
+
+    assert (TrainSettings().lr, TrainSettings().epochs) == (1e-3, 3.0)
+    for method in ("dpo", "simpo", "orpo", "kto"):
+        assert (TrainSettings(method=method).lr, TrainSettings(method=method).epochs) == (1e-4, 1.0)
+    assert TrainSettings(method="dpo", lr=5e-4, epochs=2).lr == 5e-4
+    assert as_dict(TrainSettings(method="kto"))["lr"] == 1e-4
