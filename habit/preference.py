@@ -174,63 +174,13 @@ def units_in(batch) -> int:
 # ---------------------------------------------------------------- log-probabilities
 
 
-def _head_function():
-    import torch
-
-    class HeadLogprobs(torch.autograd.Function):
-        """Per-token log-probs of the targets through fastpath's chunked head: the logits are
-        never all alive at once, and the gradient w.r.t. hidden is formed in the forward."""
-
-        @staticmethod
-        def forward(ctx, hidden, weight, targets, chunk):
-            grad = torch.empty_like(hidden)
-            nll = torch.empty(targets.numel(), dtype=torch.float32, device=hidden.device)
-            fastpath.head_loss_value(hidden, weight, targets, chunk, grad, per_token=nll)
-            ctx.save_for_backward(grad)
-            return -nll
-
-        @staticmethod
-        def backward(ctx, d_logp):
-            (grad,) = ctx.saved_tensors
-            return grad * -d_logp.to(grad.dtype)[:, None], None, None, None
-
-    return HeadLogprobs
-
-
-_HEAD_LOGPROBS = None
-
-
-@contextlib.contextmanager
-def head_logprobs(head, targets, chunk: int = fastpath.HEAD_CHUNK):
-    """While inside, the lm_head returns each target token's log-probability instead of logits."""
-    global _HEAD_LOGPROBS
-    import torch
-
-    if _HEAD_LOGPROBS is None:
-        _HEAD_LOGPROBS = _head_function()
-
-    def forward(hidden):
-        rows = hidden.reshape(-1, hidden.shape[-1])
-        if torch.is_grad_enabled() and rows.requires_grad:
-            return _HEAD_LOGPROBS.apply(rows, head.weight, targets, chunk)
-        nll = torch.empty(targets.numel(), dtype=torch.float32, device=rows.device)
-        fastpath.head_loss_value(rows, head.weight, targets, chunk, per_token=nll)
-        return -nll
-
-    head.forward = forward
-    try:
-        yield
-    finally:
-        del head.forward
-
-
 @contextlib.contextmanager
 def _paths(fast, targets):
     with contextlib.ExitStack() as stack:
         if fast is not None and fast.lora:
             stack.enter_context(fastpath.merged_lora(fast.lora, fast.kept))
         if fast is not None and fast.head is not None:
-            stack.enter_context(head_logprobs(fast.head, targets))
+            stack.enter_context(fastpath.head_logprobs(fast.head, targets))
         yield
 
 

@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 from habit.fastpath.attention import (MATMUL_ATTENTION_MAX, MAX_BUCKETS, MIN_SHARED_PREFIX, PACKED,
                                       Packing, buckets, causal, packed_attention, shared_prefix,
                                       use_packed_attention)
-from habit.fastpath.head import HEAD_CHUNK, head_loss, head_loss_value, plain_head
+from habit.fastpath.head import HEAD_CHUNK, head_logprobs, head_loss, head_loss_value, plain_head
 from habit.fastpath.lora import MERGED_KEEP_MAX, lora_layers, merged_lora
 
 __all__ = ["FastPaths", "setup", "PACKED", "Packing", "buckets", "causal", "packed_attention",
-           "shared_prefix", "use_packed_attention", "head_loss", "head_loss_value", "plain_head",
+           "shared_prefix", "use_packed_attention", "head_logprobs", "head_loss", "head_loss_value",
+           "plain_head",
            "lora_layers", "merged_lora", "HEAD_CHUNK", "MATMUL_ATTENTION_MAX", "MAX_BUCKETS",
            "MERGED_KEEP_MAX", "MIN_SHARED_PREFIX"]
 

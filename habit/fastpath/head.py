@@ -46,7 +46,7 @@ def head_loss_value(hidden, weight, targets, chunk: int = HEAD_CHUNK, grad=None,
     return total
 
 
-def _head_function():
+def _head_functions():
     import torch
 
     class HeadLoss(torch.autograd.Function):
@@ -64,33 +64,72 @@ def _head_function():
             (grad,) = ctx.saved_tensors
             return grad * d_total.to(grad.dtype), None, None, None
 
-    return HeadLoss
+    class HeadLogprobs(torch.autograd.Function):
+        """Each target's log-probability, the same way: a row's gradient depends on its own
+        token alone, so the backward scales each row of the one formed in the forward."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, targets, chunk):
+            grad = torch.empty_like(hidden)
+            nll = torch.empty(targets.numel(), dtype=torch.float32, device=hidden.device)
+            head_loss_value(hidden, weight, targets, chunk, grad, per_token=nll)
+            ctx.save_for_backward(grad)
+            return -nll
+
+        @staticmethod
+        def backward(ctx, d_logp):
+            (grad,) = ctx.saved_tensors
+            return grad * -d_logp.to(grad.dtype)[:, None], None, None, None
+
+    return HeadLoss, HeadLogprobs
 
 
-_HEAD_LOSS = None
+_FUNCTIONS = None
+
+
+def _logprobs_value(hidden, weight, targets, chunk: int):
+    import torch
+
+    nll = torch.empty(targets.numel(), dtype=torch.float32, device=hidden.device)
+    head_loss_value(hidden, weight, targets, chunk, per_token=nll)
+    return -nll
 
 
 @contextlib.contextmanager
-def head_loss(head, targets, chunk: int = HEAD_CHUNK):
-    """While inside, the model's lm_head returns the summed cross-entropy of its input rows
-    against `targets` instead of logits: the model's `logits` output then IS the loss."""
-    global _HEAD_LOSS
+def _swapped_head(head, targets, chunk: int, per_token: bool):
+    """While inside, the lm_head returns the summed cross-entropy of its input rows against
+    `targets` (or, `per_token`, each target's log-probability) instead of logits."""
+    global _FUNCTIONS
     import torch
 
-    if _HEAD_LOSS is None:
-        _HEAD_LOSS = _head_function()
+    if _FUNCTIONS is None:
+        _FUNCTIONS = _head_functions()
+    function = _FUNCTIONS[1 if per_token else 0]
+    value = _logprobs_value if per_token else head_loss_value
 
     def forward(hidden):
         rows = hidden.reshape(-1, hidden.shape[-1])
         if torch.is_grad_enabled() and rows.requires_grad:
-            return _HEAD_LOSS.apply(rows, head.weight, targets, chunk)
-        return head_loss_value(rows, head.weight, targets, chunk)
+            return function.apply(rows, head.weight, targets, chunk)
+        return value(rows, head.weight, targets, chunk)
 
     head.forward = forward
     try:
         yield
     finally:
         del head.forward
+
+
+def head_loss(head, targets, chunk: int = HEAD_CHUNK):
+    """While inside, the model's lm_head returns the summed cross-entropy of its input rows
+    against `targets` instead of logits: the model's `logits` output then IS the loss."""
+    return _swapped_head(head, targets, chunk, per_token=False)
+
+
+def head_logprobs(head, targets, chunk: int = HEAD_CHUNK):
+    """While inside, the lm_head returns each target token's log-probability instead of logits
+    (the preference losses sum them per answer, habit/preference.py)."""
+    return _swapped_head(head, targets, chunk, per_token=True)
 
 
 def plain_head(model):
