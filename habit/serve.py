@@ -561,6 +561,12 @@ def serve(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
     called once the port is bound and the models are loaded."""
     server = make_server(runs, host, port, api_key, max_tokens_cap, max_queue=max_queue,
                          runtime_adapters=runtime_adapters)
+    until_signal(server, (lambda: ready(server)) if ready else None)
+
+
+def until_signal(server, ready: Callable[[], None] | None = None) -> None:
+    """`server.serve_forever()` until SIGTERM / Ctrl-C asks `server.stop()`, then `server.close()`
+    (habit serve and habit studio). A second signal acts at once, without waiting for requests."""
     previous = {}
 
     def restore(*_) -> None:
@@ -568,7 +574,7 @@ def serve(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
             signal.signal(sig, handler)
 
     def on_signal(*_) -> None:
-        restore()  # a second Ctrl-C / SIGTERM acts at once, without waiting for requests
+        restore()
         server.stop()
 
     if threading.current_thread() is threading.main_thread():
@@ -576,7 +582,7 @@ def serve(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
             previous[sig] = signal.signal(sig, on_signal)
     try:
         if ready:
-            ready(server)
+            ready()
         server.serve_forever()
     finally:
         server.close()

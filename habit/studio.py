@@ -41,8 +41,6 @@ import asyncio
 import hmac
 import json
 import os
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -363,21 +361,4 @@ def serve_studio(runs_dir: str = "runs", host: str = "127.0.0.1", port: int = 78
     """Serve the studio until SIGTERM / Ctrl-C; a training in flight then saves a checkpoint.
     `ready(url)` is called once the port is bound."""
     server = StudioServer(runs_dir, host, port, api_key, max_upload)
-    previous = {}
-
-    def on_signal(*_) -> None:
-        for sig, handler in previous.items():  # a second Ctrl-C acts at once
-            signal.signal(sig, handler)
-        server.stop()
-
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, on_signal)
-    try:
-        if ready:
-            ready(server.url)
-        server.serve_forever()
-    finally:
-        server.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    serve.until_signal(server, (lambda: ready(server.url)) if ready else None)
