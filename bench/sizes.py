@@ -220,15 +220,10 @@ def matmul_peak(n: int = 2048) -> dict:
 
 
 def cpu_line() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return "CPU unknown (no lscpu)"
-    info = dict(ln.split(":", 1) for ln in text.splitlines() if ":" in ln)
-    flags = set(info.get("Flags", "").split())
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return (f"{info.get('Model name', '?').strip()}, {os.cpu_count()} cores, flags: "
-            f"{' '.join(shown) or 'no avx2'}")
+    from habit.bench_workers import cpu_name_and_flags
+
+    cpu, flags = cpu_name_and_flags()
+    return f"{cpu}, {os.cpu_count()} cores, flags: {' '.join(flags) or 'no avx2'}"
 
 
 # ---------------------------------------------------------------- the table

@@ -265,13 +265,15 @@ def train_rows(options: BenchOptions, work: Path, peak: dict, say: Callable[[str
 
 def median_row(runs: list[dict]) -> dict:
     """One row from several runs of a variant: the run with the median tokens/s (its other figures
-    come with it), the best tokens/s, the median held-out loss, and every run's tokens/s."""
+    come with it), the lowest and the best tokens/s, the median held-out loss, and every run's tokens/s."""
     done = sorted((r for r in runs if r["tokens_per_s"]), key=lambda r: r["tokens_per_s"])
     if not done:
-        return {**runs[0], "best_tokens_per_s": None, "runs": len(runs), "run_tokens_per_s": []}
+        return {**runs[0], "best_tokens_per_s": None, "min_tokens_per_s": None, "runs": len(runs),
+                "run_tokens_per_s": []}
     mid = done[(len(done) - 1) // 2]
     losses = sorted(r["heldout_loss"] for r in done if r["heldout_loss"] is not None)
-    return {**mid, "best_tokens_per_s": done[-1]["tokens_per_s"], "runs": len(done),
+    return {**mid, "best_tokens_per_s": done[-1]["tokens_per_s"], "min_tokens_per_s": done[0]["tokens_per_s"],
+            "runs": len(done),
             "heldout_loss": losses[(len(losses) - 1) // 2] if losses else None,
             "run_tokens_per_s": [r["tokens_per_s"] for r in runs]}
 
@@ -370,12 +372,13 @@ def _fmt(x, digits: int = 1, suffix: str = "") -> str:
     return "–" if x is None else f"{x:.{digits}f}{suffix}"
 
 
-COLUMNS = ("variant", "real tokens/s", "best", "runs", "vs recipe", "step s", "peak RSS MB", "MFU", "held-out loss", "dtype",
+COLUMNS = ("variant", "real tokens/s", "min", "best", "runs", "vs recipe", "step s", "peak RSS MB", "MFU", "held-out loss", "dtype",
            "malloc")
 
 
 def table_cells(row: dict) -> list[str]:
-    return [row["name"], _fmt(row["tokens_per_s"]), _fmt(row.get("best_tokens_per_s")), str(row.get("runs", 1)),
+    return [row["name"], _fmt(row["tokens_per_s"]), _fmt(row.get("min_tokens_per_s")),
+            _fmt(row.get("best_tokens_per_s")), str(row.get("runs", 1)),
             _fmt(row["ratio"], 2, "x"), _fmt(row["step_s"], 2),
             _fmt(row["peak_rss_mb"], 0), _fmt(None if row["mfu"] is None else 100 * row["mfu"], 1, "%"),
             _fmt(row["heldout_loss"], 3), row["dtype"] or "–", row.get("malloc") or "–"]
@@ -385,7 +388,8 @@ def machine_line(result: dict) -> str:
     m = result["machine"]
     peak = result["peak_gflops"]
     runs = ", before and after the table" if len(result.get("peak_runs", ())) > 1 else ""
-    return (f"{m['cpu']}, {m['cores']} cores, torch threads: {m['threads']}, device {m['device']}; "
+    flags = " ".join(m.get("flags") or []) or "none of avx2/avx512/amx"
+    return (f"{m['cpu']} (flags: {flags}), {m['cores']} cores, torch threads: {m['threads']}, device {m['device']}; "
             f"torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, trl {m['trl']}. "
             f"Matmul peak ({result['peak_size']}³, best of {m['reps']}{runs}): bf16 {peak['bf16']:.0f} GFLOP/s, "
             f"fp32 {peak['fp32']:.0f} GFLOP/s.")
@@ -401,7 +405,8 @@ def markdown(result: dict, out: str | None = None) -> dict[str, str]:
                  "| " + " | ".join(COLUMNS) + " | note |", "|" + "---|" * (len(COLUMNS) + 1)]
         lines += ["| " + " | ".join(table_cells(r) + [r["note"].replace("|", "/")]) + " |" for r in result["rows"]]
         lines += ["", "Real tokens/s: non-pad tokens of steps 2..n over their wall time (step 1 is warm-up); "
-                  "with several runs a row is the median run, best is the fastest. "
+                  "with several runs a row is the median run (its step time, memory, MFU come with it), min and "
+                  "best are the slowest and the fastest run, held-out loss is the median. "
                   f"MFU: tokens/s x model FLOPs per token / the matmul peak of the row's dtype; {FLOPS_FORMULA}. "
                   "Held-out loss: response + EOS tokens of the held-out split, each adapter on an fp32 base, "
                   "scored by habit's render + eval_loss. Malloc: the recipe and TRL run on the system's, as "

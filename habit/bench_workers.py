@@ -57,6 +57,24 @@ def _prompt(ex: data.Example) -> str:
     return TEMPLATE.split("{prompt}")[0].format(act=ex.fields["act"])
 
 
+# the flags that decide a CPU's matmul speed: AMX tiles reach ~5x what AVX512-BF16 alone does
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_name_and_flags() -> tuple[str, list[str]]:
+    """The CPU's model name and which of SPEED_FLAGS it has (from /proc/cpuinfo)."""
+    import platform
+
+    cpu, flags = platform.processor() or platform.machine(), []
+    if Path("/proc/cpuinfo").is_file():
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
+        have = next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), set())
+        cpu = names[0] if names else cpu
+        flags = [f for f in SPEED_FLAGS if f in have]
+    return cpu, flags
+
+
 def worker_peak(spec: dict) -> dict:
     import platform
 
@@ -80,15 +98,11 @@ def worker_peak(spec: dict) -> dict:
                 best = min(best, time.perf_counter() - t)
         peaks[name] = round(2 * n**3 / best / 1e9, 1)
         del a, b
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
+    cpu, flags = cpu_name_and_flags()
     trl = importlib.util.find_spec("trl") and __import__("trl").__version__
     auto = models.best_dtype("auto", device)
     return {"size": n, "peak_gflops": peaks, "auto_dtype": "bf16" if auto == torch.bfloat16 else "fp32",
-            "machine": {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "machine": {"cpu": cpu, "flags": flags, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
                         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                         "torch": torch.__version__, "transformers": transformers.__version__,
                         "peft": peft.__version__, "trl": trl or None, "python": platform.python_version(),

@@ -135,7 +135,7 @@ def test_bench_json_through_the_cli(tiny_model, tmp_path):
                            "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert {"cpu", "cores", "torch"} <= set(result["machine"])
+    assert {"cpu", "flags", "cores", "torch"} <= set(result["machine"])
     assert set(result["peak_gflops"]) == {"bf16", "fp32"} and all(v > 0 for v in result["peak_gflops"].values())
     assert len(result["peak_runs"]) == 2 and result["peak_gflops"] == bench.best_peak(result["peak_runs"])
     assert result["tokens"] == 300
@@ -186,6 +186,7 @@ def test_repeated_runs_make_one_median_row():
 
     row = bench.median_row([run(300.0, 2.9), run(100.0, 3.1), run(200.0, 3.0)])
     assert row["tokens_per_s"] == 200.0 and row["best_tokens_per_s"] == 300.0 and row["runs"] == 3
+    assert row["min_tokens_per_s"] == 100.0
     assert row["heldout_loss"] == 3.0 and row["step_s"] == 1.0 / 200.0  # the median run's own figures
     assert row["run_tokens_per_s"] == [300.0, 100.0, 200.0]
     failed = bench.median_row([run(None, None), run(150.0, 3.2)])  # a failed run is left out
