@@ -95,6 +95,9 @@ class BenchOptions:
     generation: bool = _opt(False, "batched vs one-at-a-time generation, first vs cached load (bench:generation)")
     gen_prompts: int = _opt(16, "--generation: prompts to answer")
     gen_tokens: int = _opt(32, "--generation: most new tokens per answer")
+    long: bool = _opt(False, "one whole `habit train` epoch on a long-tailed table built from --data "
+                             "(section bench:long)")
+    long_rows: int = _opt(1500, "--long: rows of that table (answers ~240 tokens at the median, a tail past 4k)")
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -110,8 +113,8 @@ class BenchOptions:
         check(not unknown, f"--only: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
         check(bool(self.variants()) or not self.runs_train(), "--only names no variant")
         check(self.scale_steps >= 2, "--scale-steps must be at least 2 (the first step is not timed)")
-        check(self.scale_tokens >= 1 and self.gen_prompts >= 1 and self.gen_tokens >= 1,
-              "--scale-tokens, --gen-prompts and --gen-tokens must be at least 1")
+        check(self.scale_tokens >= 1 and self.gen_prompts >= 1 and self.gen_tokens >= 1 and self.long_rows >= 20,
+              "--scale-tokens, --gen-prompts and --gen-tokens must be at least 1, --long-rows at least 20")
         for flag, value in (("--scale-lengths", self.scale_lengths), ("--scale-data", self.scale_data)):
             check(all(x.strip().isdigit() and int(x) > 0 for x in value.split(",")),
                   f"{flag} must be a comma list of positive whole numbers (got {value!r})")
@@ -123,7 +126,7 @@ class BenchOptions:
         return [n.strip() for n in self.only.split(",") if n.strip()]
 
     def runs_train(self) -> bool:
-        return self.train or not (self.scale or self.generation)
+        return self.train or not (self.scale or self.generation or self.long)
 
     def command(self, out: str | None = None) -> str:
         """The `habit bench` command line that repeats this run (non-default flags only)."""
@@ -237,6 +240,9 @@ def run(options: BenchOptions = BenchOptions(), say: Callable[[str], None] = lam
             result["scale"] = spawn("scale", options, work, options.timeout)
         if options.generation:
             result["generation"] = generation_bench(options, work, say)
+        if options.long:
+            say(f"long: one `habit train` epoch on a long-tailed table of {options.long_rows} rows")
+            result["long"] = spawn("long", options, work / "long", options.timeout)
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -362,6 +368,8 @@ def generation_bench(options: BenchOptions, work: Path, say: Callable[[str], Non
     cached = spawn("load", options, work / "cached", options.timeout, env={"HABIT_CACHE": str(cache)})
     out["load"] = {"first_s": first.get("seconds"), "cached_s": cached.get("seconds"),
                    "gguf": first.get("gguf"), "error": first.get("error") or cached.get("error")}
+    say("generation: llama.cpp (xllamacpp) on the same GGUF and prompts")
+    out["llamacpp"] = spawn("llamacpp", options, work / "llamacpp", options.timeout)
     return out
 
 
@@ -417,6 +425,8 @@ def markdown(result: dict, out: str | None = None) -> dict[str, str]:
         sections["scale"] = "\n".join(_scale_md(result["scale"], head) + _reproduce(result, out))
     if "generation" in result:
         sections["generation"] = "\n".join(_generation_md(result["generation"], head) + _reproduce(result, out))
+    if "long" in result:
+        sections["long"] = "\n".join(_long_md(result["long"], head) + _reproduce(result, out))
     return sections
 
 
@@ -459,6 +469,7 @@ def _generation_md(gen: dict, head: str) -> list[str]:
         r = gen[mode]
         label = f"batch_size {gen['batch_size']}" if mode == "batched" else "one at a time"
         lines.append(f"| {label} | {r['tokens']} | {_fmt(r['seconds'], 2)} | {_fmt(r['tokens_per_s'])} |")
+    lines += _llamacpp_md(gen)
     load = gen.get("load", {})
     kind = "GGUF conversion into an empty HABIT_CACHE" if load.get("gguf") else "not a GGUF source: a plain folder load"
     lines += ["", f"Batched speed-up: {_fmt(gen.get('speedup'), 1, 'x')}.", "",
@@ -467,6 +478,51 @@ def _generation_md(gen: dict, head: str) -> list[str]:
               f"| cached | {_fmt(load.get('cached_s'), 2)} |", ""]
     if load.get("error"):
         lines += [f"load error: {load['error']}", ""]
+    return lines
+
+
+def _long_md(long: dict, head: str) -> list[str]:
+    lines = ["## A long-tailed table: one whole epoch", "", head, ""]
+    if "error" in long:
+        return lines + [f"error: {long['error']}", ""]
+    n = long["lengths"]
+    return lines + [
+        f"A stand-in for the 2026 edition of the prompts table (not reachable from here): {long['rows']} rows "
+        f"built from `{long['data']}` (answers are its prompts joined to lengths drawn log-normally, median "
+        f"{long['median_target']} tokens, σ {long['sigma']}), seed 0. Example tokens, template included: "
+        f"median {n['median']}, p99 {n['p99']}, max {n['max']}.", "",
+        "| rows | kept (train + held out) | dropped as too long | --max-len (default) | steps | real tokens "
+        "| training s | whole process s | real tokens/s (training) | s per 1k tokens (whole process) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {long['rows']} | {long['kept']} | {long['dropped']} ({_fmt(100 * long['dropped'] / long['rows'], 1)}%) "
+        f"| {long['max_len']} | {long['steps']} | {long['tokens']} | {_fmt(long['train_s'], 1)} "
+        f"| {_fmt(long['wall_s'], 1)} | {_fmt(long['tokens_per_s'])} | {_fmt(1000 * long['wall_s'] / long['tokens'], 2)} |",
+        "", f"`habit train TABLE --epochs 1` with every other setting at its default, timed from the command's "
+        "start to its exit (start-up, loading, the data check, validation and the adapter's save included); "
+        f"the old default --max-len 1024 would have dropped {long['dropped_at_1024']} rows "
+        f"({_fmt(100 * long['dropped_at_1024'] / long['rows'], 1)}%).", ""]
+
+
+def _llamacpp_md(gen: dict) -> list[str]:
+    """llama.cpp's rows beside habit's, and habit's tokens/s as a ratio of llama.cpp's."""
+    cpp = gen.get("llamacpp") or {}
+    if "error" in cpp or "skipped" in cpp:
+        return ["", f"llama.cpp: {cpp.get('error') or cpp.get('skipped')}"]
+    if not cpp:
+        return []
+    quant = cpp["gguf"]
+    lines = ["", f"The same prompt ids through llama.cpp (xllamacpp, in process, {cpp['threads']} threads), "
+             f"greedy, the same limit: batched is one request of all prompts over as many parallel slots. "
+             f"`{quant}` is the GGUF habit dequantizes to load the model; `f16` is that file with every "
+             "weight dequantized to f16, so llama.cpp reads the weights habit computes with.", "",
+             "| llama.cpp | weights | generated tokens | seconds | tokens/s | habit ÷ llama.cpp |",
+             "|---|---|---:|---:|---:|---:|"]
+    for weights in (quant, "f16"):
+        for mode, label in (("batched", "batched"), ("single", "one at a time")):
+            r = cpp[f"{weights}-{mode}"]
+            ratio = gen[mode]["tokens_per_s"] / r["tokens_per_s"] if r["tokens_per_s"] else None
+            lines.append(f"| {label} | {weights} | {r['tokens']} | {_fmt(r['seconds'], 2)} | "
+                         f"{_fmt(r['tokens_per_s'])} | {_fmt(ratio, 2, 'x')} |")
     return lines
 
 
@@ -489,6 +545,6 @@ def print_result(result: dict) -> None:
             console.print(f"[bold]{r['name']}[/]: [{style}]{r['note']}[/]", highlight=False)
         console.print(f"[dim]{FLOPS_FORMULA}[/]", highlight=False)
     sections = markdown(result)
-    for name in ("scale", "generation"):
+    for name in ("scale", "generation", "long"):
         if name in sections:
             console.print(sections[name].split("Reproduce:")[0], markup=False, highlight=False)

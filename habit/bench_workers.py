@@ -405,14 +405,11 @@ def worker_generation(spec: dict) -> dict:
     from habit.generation import generate
     from habit.settings import GenerationSettings
 
-    table, train_ex, val_ex = _split(spec)
     device = _device()
     dtype = models.best_dtype("auto", device)
     model, tokenizer = models.load_model(spec["model"], dtype=dtype, device=device)
-    template = render.choose_template(table, tokenizer)
     stop = models.stop_ids(tokenizer, model)
-    prompts = [render.prompt_text(template, tokenizer, fields=ex.fields) for ex in (val_ex + train_ex)]
-    prompts = (prompts * math.ceil(spec["gen_prompts"] / len(prompts)))[: spec["gen_prompts"]]
+    prompts, template = _gen_prompts(spec, tokenizer)
     settings = GenerationSettings(max_new_tokens=spec["gen_tokens"])
     generate(model, tokenizer, template, prompts[:2], stop, GenerationSettings(max_new_tokens=2))  # warm-up
     out = {"prompts": len(prompts), "max_new_tokens": spec["gen_tokens"], "batch_size": 16,
@@ -427,6 +424,153 @@ def worker_generation(spec: dict) -> dict:
         out[mode] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
     out["speedup"] = out["batched"]["tokens_per_s"] / out["single"]["tokens_per_s"]
     return out
+
+
+def _gen_prompts(spec: dict, tokenizer) -> list[str]:
+    """The prompts both generation workers answer: held-out roles first, repeated to --gen-prompts."""
+    table, train_ex, val_ex = _split(spec)
+    template = render.choose_template(table, tokenizer)
+    prompts = [render.prompt_text(template, tokenizer, fields=ex.fields) for ex in (val_ex + train_ex)]
+    return (prompts * math.ceil(spec["gen_prompts"] / len(prompts)))[: spec["gen_prompts"]], template
+
+
+def _f16_copy(q_path: str, out: Path) -> Path:
+    """The same GGUF with every quantized tensor dequantized to f16: llama.cpp then reads the
+    weights habit generates from (habit dequantizes the file too), at 16 bits a weight."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(q_path)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    writer = gguf.GGUFWriter(str(out), arch=arch)
+    for f in reader.fields.values():
+        if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
+            continue
+        value = int(gguf.LlamaFileType.MOSTLY_F16) if f.name == gguf.Keys.General.FILE_TYPE else f.contents()
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(f.name, value, f.types[0], sub_type=sub)
+    for t in reader.tensors:
+        plain = t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+        data_ = t.data if plain else gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float16)
+        writer.add_tensor(t.name, np.ascontiguousarray(data_))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def worker_llamacpp(spec: dict) -> dict:
+    """llama.cpp (xllamacpp, in process) on the GGUF habit loads, answering the same prompt ids
+    greedily to the same length: all prompts in one request over parallel slots (continuous
+    batching) vs one request at a time, on the file's own 4-bit weights and on an f16 copy."""
+    try:
+        import xllamacpp as xlc
+    except ImportError:
+        return {"skipped": "needs xllamacpp (pip install xllamacpp)"}
+    source = models.resolve(spec["model"])
+    if source.kind != "gguf":
+        return {"skipped": f"{spec['model']} is not a GGUF file (llama.cpp reads GGUF)"}
+    tokenizer = models.load_tokenizer(source)
+    prompts, template = _gen_prompts(spec, tokenizer)
+    ids = [render.prompt_ids(p, template, tokenizer) for p in prompts]
+    n_new = spec["gen_tokens"]
+    threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+
+    def server(path: str, slots: int):
+        params = xlc.CommonParams()
+        params.model.path = path
+        params.n_parallel = slots
+        params.n_ctx = slots * (max(map(len, ids)) + n_new + 8)
+        params.warmup = True
+        params.cpuparams.n_threads = params.cpuparams_batch.n_threads = threads
+        return xlc.Server(params)
+
+    def answer(srv, batch: list[list[int]]) -> int:
+        reply = srv.handle_completions({"prompt": batch, "n_predict": n_new, "temperature": 0,
+                                        "top_k": 1, "return_tokens": True})
+        if "choices" not in reply:
+            raise HabitError(f"llama.cpp: {str(reply)[:300]}")
+        return sum(len(c.get("tokens") or tokenizer(c["text"], add_special_tokens=False).input_ids)
+                   for c in reply["choices"])
+
+    quant = Path(source.path).stem.rsplit(".", 1)[-1].lower()  # q4_1 for the embedded file
+    work = Path(spec["result"]).parent
+    files = {quant: source.path, "f16": str(_f16_copy(source.path, work / "f16.gguf"))}
+    out = {"prompts": len(prompts), "max_new_tokens": n_new, "threads": threads, "gguf": quant}
+    for name, path in files.items():
+        for mode, slots in (("batched", len(ids)), ("single", 1)):
+            srv = server(path, slots)
+            answer(srv, ids[:1])  # warm-up: first-call allocations
+            start = time.perf_counter()
+            tokens = answer(srv, ids) if slots > 1 else sum(answer(srv, [one]) for one in ids)
+            seconds = time.perf_counter() - start
+            out[f"{name}-{mode}"] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+            del srv
+    return out
+
+
+LONG_MEDIAN, LONG_SIGMA = 240, 1.0  # answer tokens: the 2026 table's median, and a tail past 4k
+
+
+def long_table(spec: dict, tokenizer, rows: int, seed: int = 0) -> list[dict]:
+    """A long-tailed act,prompt table from --data's rows: each answer is its prompts joined (in a
+    seeded order) up to a log-normal number of tokens, cut at a word."""
+    import random
+
+    source = data.load_examples(spec["data"], template=TEMPLATE).examples
+    texts = [ex.fields["prompt"] for ex in source]
+    counts = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+    rng = random.Random(seed)
+    out = []
+    for i in range(rows):
+        want = max(8, round(rng.lognormvariate(math.log(LONG_MEDIAN), LONG_SIGMA)))
+        parts, have = [], 0
+        while have < want:
+            j = rng.randrange(len(texts))
+            words = texts[j].split()
+            take = len(words) if have + counts[j] <= want else max(1, len(words) * (want - have) // counts[j])
+            parts.append(" ".join(words[:take]))
+            have += counts[j] if take == len(words) else want - have
+        out.append({"act": f"{source[i % len(source)].fields['act']} ({i + 1})",
+                    "prompt": " ".join(parts)})
+    return out
+
+
+def worker_long(spec: dict) -> dict:
+    """One whole `habit train --epochs 1` process on long_table, wall-clocked from outside."""
+    import csv
+    import subprocess
+
+    source = models.resolve(spec["model"])
+    tokenizer = models.load_tokenizer(source)
+    work = Path(spec["result"]).parent
+    table_path = work / "long.csv"
+    with open(table_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["act", "prompt"])
+        writer.writeheader()
+        writer.writerows(long_table(spec, tokenizer, spec["long_rows"]))
+    table = data.load_examples(str(table_path))
+    template = render.choose_template(table, tokenizer)
+    enc, _ = render.encode_all(table.examples, template, tokenizer, models.stop_ids(tokenizer), 10**9)
+    lengths = sorted(len(e) for e in enc)
+    run = work / "run"
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "habit", "train", str(table_path), "--model", spec["model"],
+                           "--epochs", "1", "--out", str(run)], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise HabitError(f"habit train exited {done.returncode}: {done.stderr.strip()[-300:]}")
+    info = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    result = info["result"]
+    kept = result["train_examples"] + result["val_examples"]
+    return {"rows": len(table.examples), "data": spec["data"], "median_target": LONG_MEDIAN, "sigma": LONG_SIGMA,
+            "lengths": {"median": lengths[len(lengths) // 2], "p99": lengths[math.ceil(0.99 * len(lengths)) - 1],
+                        "max": lengths[-1]},
+            "kept": kept, "dropped": len(table.examples) - kept, "max_len": info["settings"]["train"]["max_len"],
+            "dropped_at_1024": sum(n > 1024 for n in lengths), "steps": result["steps"],
+            "tokens": round(result["tokens_per_s"] * result["seconds"]),  # trained: the split that trains
+            "train_s": result["seconds"], "wall_s": wall, "tokens_per_s": result["tokens_per_s"]}
 
 
 def worker_load(spec: dict) -> dict:
@@ -456,6 +600,7 @@ WORKERS = {
     "habit-fp32": lambda spec: worker_habit(spec, precision="fp32"),
     "habit-qlora": lambda spec: worker_habit(spec, qlora=True),
     "scale": worker_scale, "generation": worker_generation, "load": worker_load,
+    "llamacpp": worker_llamacpp, "long": worker_long,
 }
 
 

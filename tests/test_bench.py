@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from conftest import FIXTURES
+from conftest import FIXTURES, SHARED_PROMPTS
 from habit import bench, bench_workers, cli, models, render
 from habit.data import load_examples
 from habit.errors import HabitError
@@ -194,3 +194,77 @@ def test_repeated_runs_make_one_median_row():
     assert bench.median_row([run(None, None)])["tokens_per_s"] is None
     with pytest.raises(HabitError, match="--repeats"):
         bench.BenchOptions(repeats=0)
+
+
+def test_the_f16_copy_of_a_gguf_holds_the_same_weights_and_metadata(tmp_path):
+    """llama.cpp's f16 row reads this copy: every quantized tensor dequantized, every key kept."""
+    import gguf
+    import numpy as np
+
+    from habit import bench_workers
+
+    weight = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    norm = np.ones(64, dtype=np.float32)
+    writer = gguf.GGUFWriter(str(tmp_path / "q.gguf"), arch="llama")
+    writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q8_0))
+    writer.add_token_list(["<s>", "a", "b"])
+    writer.add_context_length(128)
+    q = gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("blk.0.attn_q.weight", q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("blk.0.attn_norm.weight", norm)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    copy = gguf.GGUFReader(str(bench_workers._f16_copy(str(tmp_path / "q.gguf"), tmp_path / "f16.gguf")))
+    tensors = {t.name: t for t in copy.tensors}
+    assert tensors["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    expected = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).astype(np.float16)
+    assert np.array_equal(np.asarray(tensors["blk.0.attn_q.weight"].data), expected)
+    assert np.array_equal(np.asarray(tensors["blk.0.attn_norm.weight"].data), norm)
+    assert copy.fields[gguf.Keys.General.FILE_TYPE].contents() == int(gguf.LlamaFileType.MOSTLY_F16)
+    assert copy.fields[gguf.Keys.Tokenizer.LIST].contents() == ["<s>", "a", "b"]
+    assert copy.fields["llama.context_length"].contents() == 128
+
+
+def test_llama_cpp_rows_sit_beside_habits_as_ratios(tiny_model, tmp_path):
+    found = bench.spawn("llamacpp", _options(tiny_model, gen_prompts=2, gen_tokens=2), tmp_path, timeout=120)
+    assert found["skipped"] == f"{tiny_model} is not a GGUF file (llama.cpp reads GGUF)"
+
+    def rate(tokens, seconds):
+        return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+    gen = {"prompts": 4, "max_new_tokens": 8, "batch_size": 16, "dtype": "bf16", "speedup": 2.0,
+           "batched": rate(32, 1.0), "single": rate(32, 2.0), "load": {},
+           "llamacpp": {"gguf": "q4_1", "threads": 2, "q4_1-batched": rate(32, 0.5), "q4_1-single": rate(32, 1.0),
+                        "f16-batched": rate(32, 2.0), "f16-single": rate(32, 4.0)}}
+    text = "\n".join(bench._generation_md(gen, "head"))
+    assert "| batched | q4_1 | 32 | 0.50 | 64.0 | 0.50x |" in text
+    assert "| one at a time | f16 | 32 | 4.00 | 8.0 | 2.00x |" in text
+    skipped = "\n".join(bench._generation_md({**gen, "llamacpp": found}, "head"))
+    assert "llama.cpp: " + found["skipped"] in skipped
+
+
+def test_the_long_table_is_long_tailed_with_unique_acts(tiny_model):
+    from habit import bench_workers, models
+
+    tokenizer = models.load_tokenizer(models.resolve(tiny_model))
+    spec = {"data": str(SHARED_PROMPTS if SHARED_PROMPTS.is_file() else ROLES)}
+    rows = bench_workers.long_table(spec, tokenizer, 300)
+    assert rows == bench_workers.long_table(spec, tokenizer, 300)  # seeded: the same table every run
+    assert len({r["act"] for r in rows}) == 300 and all(r["prompt"].strip() for r in rows)
+    lengths = sorted(len(tokenizer(r["prompt"], add_special_tokens=False).input_ids) for r in rows)
+    median = lengths[len(lengths) // 2]
+    assert 0.6 * bench_workers.LONG_MEDIAN < median < 1.5 * bench_workers.LONG_MEDIAN
+    assert lengths[-1] > 5 * median  # the tail a --max-len default has to cover
+
+
+def test_the_long_section_reads_its_numbers():
+    long = {"rows": 100, "data": "t.csv", "median_target": 240, "sigma": 1.0,
+            "lengths": {"median": 260, "p99": 2400, "max": 5000}, "kept": 98, "dropped": 2, "max_len": 2048,
+            "dropped_at_1024": 9, "steps": 20, "tokens": 30000, "train_s": 60.0, "wall_s": 75.0, "tokens_per_s": 500.0}
+    text = "\n".join(bench._long_md(long, "head"))
+    assert "| 100 | 98 | 2 (2.0%) | 2048 | 20 | 30000 | 60.0 | 75.0 | 500.0 | 2.50 |" in text
+    assert "median 260, p99 2400, max 5000" in text and "dropped 9 rows (9.0%)" in text
+    assert "error: boom" in "\n".join(bench._long_md({"error": "boom"}, "head"))
