@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -256,8 +257,8 @@ def _base_gguf(meta) -> str | None:
 
 def _copy_tokenizer(writer, base: str, vocab_size: int, tokenizer) -> None:
     """The base GGUF's own tokenizer fields, verbatim: the model was dequantized from that file, so
-    they are exactly what llama.cpp already runs it with (SentencePiece vocabularies included, which
-    the byte-level writer below cannot express)."""
+    they are exactly what llama.cpp already runs it with, and they win over a vocabulary written
+    anew from the tokenizer transformers converted them into."""
     import gguf
 
     fields = gguf.GGUFReader(base).fields
@@ -272,34 +273,18 @@ def _copy_tokenizer(writer, base: str, vocab_size: int, tokenizer) -> None:
 
 
 def _write_tokenizer(writer, tokenizer, vocab_size: int, base_gguf: str | None = None) -> None:
-    import gguf
-
     state = json.loads(tokenizer.backend_tokenizer.to_str())
-    bpe = state["model"]
-    if bpe.get("type") != "BPE" or (state.get("decoder") or {}).get("type") != "ByteLevel":
-        if base_gguf:
-            return _copy_tokenizer(writer, base_gguf, vocab_size, tokenizer)
-        raise HabitError("GGUF export supports byte-level BPE tokenizers (GPT-2 style) only; "
-                         f"this one is {bpe.get('type')} with a {(state.get('decoder') or {}).get('type')} "
-                         "decoder")
-    by_id = {i: token for token, i in tokenizer.get_vocab().items()}
-    if max(by_id) >= vocab_size:
-        raise HabitError(f"tokenizer has {max(by_id) + 1} tokens but the model only {vocab_size} rows")
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in by_id:  # embedding rows past the tokenizer (padded vocabularies)
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        else:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL if i not in added else
-                         gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer_name(state.get("pre_tokenizer")))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
+    model, decoder = state["model"], state.get("decoder") or {}
+    if model.get("type") == "BPE" and decoder.get("type") == "ByteLevel":
+        _write_byte_level(writer, tokenizer, state, vocab_size)
+    elif base_gguf:
+        return _copy_tokenizer(writer, base_gguf, vocab_size, tokenizer)
+    elif _is_sentencepiece_bpe(state):
+        _write_sentencepiece(writer, tokenizer, state, vocab_size)
+    else:
+        raise HabitError("GGUF export supports byte-level BPE tokenizers (GPT-2 style) and SentencePiece-style "
+                         "BPE ones (byte fallback, '▁' for spaces: Llama 2, Mistral, Gemma); this one is "
+                         f"{_describe(model, decoder)}")
     for key, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
                           ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id)):
         if token_id is not None:
@@ -313,6 +298,45 @@ def _write_tokenizer(writer, tokenizer, vocab_size: int, base_gguf: str | None =
     writer.add_add_eos_token(eos is not None and ids[-1] == eos and plain[-1] != eos)
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
+
+
+def _describe(model: dict, decoder: dict) -> str:
+    steps = [d.get("type") for d in decoder.get("decoders") or []]
+    kind = model.get("type") or "an unknown model"
+    if kind == "BPE" and not model.get("byte_fallback"):
+        kind = "BPE without byte fallback"
+    return f"{kind} with a {decoder.get('type') or 'no'}{'(' + ', '.join(steps) + ')' if steps else ''} decoder"
+
+
+def _token_table(tokenizer, vocab_size: int):
+    """(tokens, types) for every embedding row: added tokens CONTROL (special) or USER_DEFINED."""
+    import gguf
+
+    by_id = {i: token for token, i in tokenizer.get_vocab().items()}
+    if max(by_id) >= vocab_size:
+        raise HabitError(f"tokenizer has {max(by_id) + 1} tokens but the model only {vocab_size} rows")
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:  # embedding rows past the tokenizer (padded vocabularies)
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def _write_byte_level(writer, tokenizer, state: dict, vocab_size: int) -> None:
+    tokens, types = _token_table(tokenizer, vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer_name(state.get("pre_tokenizer")))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]])
 
 
 def _pre_tokenizer_name(pre: dict | None) -> str:
@@ -329,6 +353,96 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
         return "qwen2"
     raise HabitError(f"GGUF export: the tokenizer's pre-tokenizer ({' + '.join(kinds) or 'none'}) "
                      "has no known llama.cpp equivalent")
+
+
+_SPACE = "\u2581"  # SentencePiece's stand-in for a space
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def _is_sentencepiece_bpe(state: dict) -> bool:
+    """A tokenizer.json of the kind transformers converts SentencePiece BPE models to (Llama 2,
+    Mistral, Gemma): BPE with byte fallback, decoded by Replace("▁", " ") + ByteFallback + Fuse."""
+    model, decoder = state["model"], state.get("decoder") or {}
+    steps = (decoder.get("decoders") or []) if decoder.get("type") == "Sequence" else []
+    return (model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+            and [s.get("type") for s in steps[:3]] == ["Replace", "ByteFallback", "Fuse"]
+            and steps[0].get("pattern", {}).get("String") == _SPACE and steps[0].get("content") == " ")
+
+
+def _steps(component: dict | None, key: str) -> list[dict]:
+    if not component:
+        return []
+    return (component.get(key) or []) if component.get("type") == "Sequence" else [component]
+
+
+def _space_prefix(state: dict) -> bool:
+    """llama.cpp's add_space_prefix for this tokenizer's handling of spaces: whether each piece of
+    text (the start, and what follows a special or added token) gets a leading '▁'.
+
+    Exact for the normalizer forms: Prepend("▁") + Replace(" ", "▁"), as Llama 2 and Mistral
+    tokenizer.json files spell it, and Replace alone, Gemma's. transformers' LlamaTokenizer rebuilds
+    a Metaspace pre-tokenizer instead, which differs from SentencePiece, and so from llama.cpp, in
+    two places GGUF has no flag for: a piece that starts with a space gets no second '▁', and with
+    prepend_scheme "first" (unless tokenizer_config.json says legacy) the text after a special or
+    added token gets none.
+    """
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": _SPACE}
+    prepend = {"type": "Prepend", "prepend": _SPACE}
+    norms = _steps(state.get("normalizer"), "normalizers")
+    pres = _steps(state.get("pre_tokenizer"), "pretokenizers")
+    if replace in norms and all(n in (replace, prepend) for n in norms) and all(
+            p.get("type") == "Split" and p.get("pattern") == {"String": " "} for p in pres):
+        return prepend in norms  # a Split on " " finds none left after the Replace
+    if not norms and len(pres) == 1 and pres[0].get("type") == "Metaspace" \
+            and pres[0].get("replacement") == _SPACE and pres[0].get("split", True) is False:
+        scheme = pres[0].get("prepend_scheme") or ("always" if pres[0].get("add_prefix_space", True) else "never")
+        return scheme != "never"
+    described = " + ".join(s.get("type", "?") for s in norms) or "none"
+    raise HabitError(f"GGUF export: the SentencePiece-style tokenizer's normalizer ({described}) and "
+                     f"pre-tokenizer ({' + '.join(p.get('type', '?') for p in pres) or 'none'}) have no "
+                     "llama.cpp equivalent")
+
+
+def _write_sentencepiece(writer, tokenizer, state: dict, vocab_size: int) -> None:
+    """llama.cpp's SentencePiece vocabulary (tokenizer.ggml.model "llama") for a tokenizer.json of
+    that kind: tokens, scores and types, and whether text gets a leading '▁'."""
+    import gguf
+
+    prefix = _space_prefix(state)
+    vocab = tokenizer.get_vocab()
+    missing = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in vocab]
+    if missing:  # llama.cpp has no <unk> fallback for a byte: it stops on the first missing one
+        raise HabitError(f"GGUF export: the SentencePiece-style tokenizer lacks {len(missing)} of the 256 "
+                         f"byte tokens (first {missing[0]}); llama.cpp needs them all")
+    tokens, types = _token_table(tokenizer, vocab_size)
+    for i, token in enumerate(tokens):  # bytes even where the tokenizer also lists them as added
+        if _BYTE_TOKEN.fullmatch(token) and types[i] != gguf.TokenType.UNUSED:
+            types[i] = gguf.TokenType.BYTE
+    if tokenizer.unk_token_id is not None:
+        types[tokenizer.unk_token_id] = gguf.TokenType.UNKNOWN
+    # Scores. llama.cpp's SentencePiece tokenizer keeps joining the adjacent pair whose joined text
+    # is the token with the highest score; Hugging Face's BPE joins the adjacent pair listed first
+    # in `merges`. A token scores minus the rank of the first merge that makes it: then the two pick
+    # the same pair whenever `merges` lists every split of each token with a token's splits
+    # together — as transformers writes them when converting a SentencePiece model, ordered by the
+    # original pieces' scores, which this ordering reproduces. Tokens no merge makes (characters,
+    # bytes, specials) score below every merge; a score matters only for a joined token.
+    # (llama.cpp's converter gives every token -1000 when it has tokenizer.json alone: that joins
+    # left to right, not in merge order.)
+    merges = state["model"]["merges"]
+    first: dict[str, int] = {}
+    for rank, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        first.setdefault(left + right, rank)
+    floor = -float(len(merges) + 1)
+    scores = [-float(first[token]) if kind == gguf.TokenType.NORMAL and token in first else floor
+              for token, kind in zip(tokens, types)]
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(prefix)
 
 
 def gguf_names(arch, config):
