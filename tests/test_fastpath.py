@@ -233,6 +233,7 @@ def test_merged_weights_kept_through_a_step_give_the_same_gradients(tiny):
     with fast.fixed_weights():
         kept = loss_and_grads(model, batch, tok.pad_token_id, fast)
         assert len(fast.kept) == len(fast.lora)  # one merged weight per layer, made once
+        assert all("w" in kept_one for kept_one in fast.kept.values())
         again = loss_and_grads(model, batch, tok.pad_token_id, fast)
     assert fast.kept is None  # an optimizer step after the context must not see stale weights
     assert_same(kept, plain)
@@ -251,6 +252,17 @@ def test_merged_lora_leaves_dropout_and_eval_to_peft(tiny):
     torch.manual_seed(1)
     torch.testing.assert_close(fast_out, layer(x))  # same dropout mask: PEFT's own forward ran
     assert "forward" not in layer.__dict__  # the override is gone after the context
+
+
+def test_merged_lora_binds_one_function_to_every_layer(tiny):
+    """torch.compile traces one decoder layer's code for all of them only if every layer calls the
+    same function: a closure per layer made it recompile per layer."""
+    tiny_model, _, _ = tiny
+    layers = fastpath.lora_layers(lora_model(tiny_model))
+    with fastpath.merged_lora(layers, kept={}):
+        assert {layer.forward.__func__ for layer in layers} == {fastpath.lora._fast_forward}
+        assert all(layer.__dict__["_habit_kept"] == {} for layer in layers)  # state on the layer
+    assert not any("_habit_kept" in layer.__dict__ for layer in layers)
 
 
 def test_head_loss_equals_cross_entropy_across_chunks():

@@ -52,35 +52,33 @@ def _lora_function():
 _MERGED_LORA = None
 
 
-def _fast_forward(layer, kept: dict | None):
-    """A forward for one PEFT LoRA Linear: merged in training when the layer is plain LoRA (one
-    adapter, no dropout, no DoRA/variants, an nn.Linear base), PEFT's own forward otherwise.
-    With `kept` (a dict), the merged weight is made once and reused from it."""
+def _fast_forward(self, x, *args, **kwargs):
+    """The forward of a PEFT LoRA Linear inside `merged_lora`: merged in training when the layer
+    is plain LoRA (one adapter, no dropout, no DoRA/variants, an nn.Linear base), PEFT's own
+    forward otherwise. One function bound to every layer, its state on the layer (`_habit_kept`),
+    so that torch.compile traces one layer's code for all of them (a closure per layer made it
+    recompile per layer)."""
     import torch
 
-    original = type(layer).forward.__get__(layer)
-
-    def forward(x, *args, **kwargs):
-        name = layer.active_adapters[0] if len(layer.active_adapters) == 1 else None
-        plain = (layer.training and torch.is_grad_enabled() and name in layer.lora_A
-                 and not layer.disable_adapters and not layer.merged and not args and not kwargs
-                 and name not in layer.lora_variant
-                 and isinstance(layer.lora_dropout[name], torch.nn.Identity)
-                 and not getattr(layer, "fan_in_fan_out", False)
-                 and type(layer.base_layer) is torch.nn.Linear and layer.lora_B[name].bias is None)
-        base = layer.base_layer
-        if not plain or x.dtype != base.weight.dtype or layer.lora_A[name].weight.dtype != x.dtype:
-            return original(x, *args, **kwargs)
-        a, b, scale = layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name])
-        merged = None
-        if kept is not None:
-            if layer not in kept:
-                with torch.no_grad():
-                    kept[layer] = _merged(base.weight, a, b, scale)
-            merged = kept[layer]
-        return _MERGED_LORA.apply(x, base.weight, base.bias, a, b, scale, merged)
-
-    return forward
+    name = self.active_adapters[0] if len(self.active_adapters) == 1 else None
+    plain = (self.training and torch.is_grad_enabled() and name in self.lora_A
+             and not self.disable_adapters and not self.merged and not args and not kwargs
+             and name not in self.lora_variant
+             and isinstance(self.lora_dropout[name], torch.nn.Identity)
+             and not getattr(self, "fan_in_fan_out", False)
+             and type(self.base_layer) is torch.nn.Linear and self.lora_B[name].bias is None)
+    base = self.base_layer
+    if not plain or x.dtype != base.weight.dtype or self.lora_A[name].weight.dtype != x.dtype:
+        return type(self).forward(self, x, *args, **kwargs)
+    a, b, scale = self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name])
+    kept = self.__dict__.get("_habit_kept")  # {"w": merged weight} while the LoRA weights hold
+    merged = None
+    if kept is not None:
+        merged = kept.get("w")
+        if merged is None:
+            with torch.no_grad():
+                merged = kept["w"] = _merged(base.weight, a, b, scale)
+    return _MERGED_LORA.apply(x, base.weight, base.bias, a, b, scale, merged)
 
 
 def lora_layers(model) -> tuple:
@@ -96,12 +94,17 @@ def merged_lora(layers, kept: dict | None = None):
     `kept`: a dict that holds merged weights across calls while the LoRA weights stay the same
     (the caller empties it when they change)."""
     global _MERGED_LORA
+    import types
+
     if _MERGED_LORA is None:
         _MERGED_LORA = _lora_function()
     for layer in layers:
-        layer.forward = _fast_forward(layer, kept)
+        layer.forward = types.MethodType(_fast_forward, layer)
+        if kept is not None:
+            layer.__dict__["_habit_kept"] = kept.setdefault(layer, {})
     try:
         yield
     finally:
         for layer in layers:
             layer.__dict__.pop("forward", None)
+            layer.__dict__.pop("_habit_kept", None)
