@@ -56,6 +56,9 @@ VARIANTS = {
     "habit": "habit.train defaults: packed rows, bf16 where fast, fast paths (attention per example, "
              "merged LoRA, chunked head loss, the shared system-prompt prefix computed once a pass), "
              "passes of ≤1024 tokens",
+    "habit-compile": "habit.train --compile on: the defaults with the decoder layers compiled (regional "
+                     "torch.compile, checked against eager on the first batch); its compile runs "
+                     "before step 2, outside the tokens/s (cost: the Regional torch.compile table)",
     "habit-plain": "habit.train --plain-path: the same without the fast paths (sdpa over whole rows, "
                    "PEFT's LoRA forward, full logits at targets)",
     "habit-sysmalloc": "habit.train defaults on the system malloc (HABIT_MALLOC=system): what tcmalloc adds",

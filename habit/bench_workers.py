@@ -325,7 +325,8 @@ def _only_train(table, examples) -> data.Table:
     return dataclasses.replace(table, examples=tuple(examples))
 
 
-def worker_habit(spec: dict, precision: str = "auto", qlora: bool = False, plain: bool = False) -> dict:
+def worker_habit(spec: dict, precision: str = "auto", qlora: bool = False, plain: bool = False,
+                 compile: str = "auto") -> dict:
     import torch
 
     table, train_ex, _ = _split(spec)
@@ -339,7 +340,8 @@ def worker_habit(spec: dict, precision: str = "auto", qlora: bool = False, plain
     enc, _ = render.encode_all(train_ex, template, tokenizer, models.stop_ids(tokenizer), spec["max_len"])
     steps = habit_steps(enc, spec["tokens"], spec["max_len"])
     settings = TrainSettings(steps=steps, val_frac=0.0, save_every=10**9, precision=precision,
-                             max_len=spec["max_len"], plain_path=plain, quantize="nf4" if qlora else "none")
+                             max_len=spec["max_len"], plain_path=plain, quantize="nf4" if qlora else "none",
+                             compile=compile)
     run = Path(spec["work"]) / "run"
     rows = _train_habit(_only_train(table, train_ex), run, spec["model"], settings)
     dtype = models.best_dtype(precision, device)
@@ -595,6 +597,7 @@ WORKERS = {
     "peak": worker_peak, "recipe": worker_recipe, "trl": worker_trl,
     "trl-packing": lambda spec: worker_trl(spec, packing=True), "habit": worker_habit,
     "trl-matched": lambda spec: worker_trl(spec, matched=True),
+    "habit-compile": lambda spec: worker_habit(spec, compile="on"),
     "habit-plain": lambda spec: worker_habit(spec, plain=True),
     "habit-sysmalloc": worker_habit,
     "habit-fp32": lambda spec: worker_habit(spec, precision="fp32"),

@@ -94,6 +94,11 @@ class TrainSettings:
     grad_checkpointing: str = _opt(
         "auto", "auto | on | off: recompute activations in the backward pass instead of keeping "
         "them (auto: on when the memory estimate says they would not fit)")
+    compile: str = _opt(
+        "auto", "auto | on | off: compile the decoder layers for the training step (regional "
+        "torch.compile: one layer's code, every layer; checked against eager on the first batch). "
+        "auto: on a CPU with a C++ compiler, for runs of at least 500 steps, where the start-up "
+        "cost of compiling is repaid")
     shard: str = _opt(
         "none", "none | fsdp: under torchrun or accelerate launch, shard the base and the adapter "
         "across the processes with FSDP2 (for bases too big to hold once a process; the default "
@@ -147,6 +152,7 @@ class TrainSettings:
         _check(self.quantize in ("none", "nf4"), "--quantize must be none or nf4")
         _check(self.grad_checkpointing in ("auto", "on", "off"),
                "--grad-checkpointing must be auto, on or off")
+        _check(self.compile in ("auto", "on", "off"), "--compile must be auto, on or off")
         _check(self.shard in ("none", "fsdp"), "--shard must be none or fsdp")
         _check(not (self.shard == "fsdp" and self.eval_every),
                "--eval-every cannot run with --shard fsdp (its generation runs on one process, and "

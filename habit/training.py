@@ -180,6 +180,32 @@ def check_fast(model, batch: Batch, pad_id: int, device, fast: fastpath.FastPath
     merged weight equals W and A's gradient is zero on both paths); so B is set to small random
     values for the check, then restored. `loss_fn`: batch_loss's signature and result (a
     preference run checks its per-sequence log-probs)."""
+    return _compare(model, batch, pad_id, device, loss_fn,
+                    [lambda: _paths(None), lambda: _paths(fast)])
+
+
+def check_compiled(model, batch: Batch, pad_id: int, device, fast: fastpath.FastPaths,
+                   compiled: fastpath.Compiled, loss_fn: Callable | None = None) -> tuple[bool, float]:
+    """As check_fast, the same fast paths eager and through the compiled layers (the first call
+    compiles them)."""
+    return _compare(model, batch, pad_id, device, loss_fn,
+                    [lambda: _paths(fast, fast.fixed_weights()),
+                     lambda: _paths(fast, compiled.active(), fast.fixed_weights())])
+
+
+@contextlib.contextmanager
+def _paths(fast: fastpath.FastPaths | None, *contexts):
+    """Yields `fast` (the paths a loss function takes) with these contexts entered."""
+    with contextlib.ExitStack() as stack:
+        for c in contexts:
+            stack.enter_context(c)
+        yield fast
+
+
+def _compare(model, batch: Batch, pad_id: int, device, loss_fn: Callable | None,
+             ways: Sequence[Callable]) -> tuple[bool, float]:
+    """Loss and LoRA gradients of up to two rows computed two ways (each a context manager
+    factory yielding the fast paths to pass): whether they agree, the larger relative difference."""
     import torch
 
     loss_fn = loss_fn or batch_loss
@@ -187,11 +213,12 @@ def check_fast(model, batch: Batch, pad_id: int, device, fast: fastpath.FastPath
     params = [p for p in model.parameters() if p.requires_grad]
     found = []
     with _lora_b_perturbed(model):
-        for paths in (None, fast):
+        for way in ways:
             with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
                 torch.manual_seed(0)
-                loss, _ = loss_fn(model, row, pad_id, device, paths)
-                loss.backward()
+                with way() as paths:
+                    loss, _ = loss_fn(model, row, pad_id, device, paths)
+                    loss.backward()
             grads = torch.cat([p.grad.float().flatten() for p in params if p.grad is not None])
             found.append((float(loss.detach()), grads))
             model.zero_grad(set_to_none=True)
@@ -622,6 +649,8 @@ class Trainer:
     step: int = 0  # optimizer steps done
     seen_tokens: int = 0
     computed_tokens: int = 0  # what the model ran on: real tokens less the repeats of a shared prefix
+    compiled: object = None  # fastpath.Compiled: the decoder layers compiled for the training step
+    compile_note: str | None = None  # why they are not, or how far compiled was from eager
 
 
 def prepare(s: Setup, p: Plan, lora: LoraSettings, settings: TrainSettings,
@@ -633,6 +662,7 @@ def prepare(s: Setup, p: Plan, lora: LoraSettings, settings: TrainSettings,
     model = objective.adapter(s.base, lora)
     model.train()
     fast, fast_diff = _fast_paths(s, p, model, settings, objective.check_loss)
+    compiled, compile_note = _compiled(s, p, model, settings, fast, objective.check_loss)
     if s.sharded:
         model = sharding.shard(model, s.dtype)  # fp32 LoRA shards: MasterWeights then holds no copies
     weights = MasterWeights([(n, q) for n, q in model.named_parameters() if q.requires_grad])
@@ -640,7 +670,8 @@ def prepare(s: Setup, p: Plan, lora: LoraSettings, settings: TrainSettings,
     optimizer = torch.optim.AdamW(weights.master, lr=settings.lr, weight_decay=settings.weight_decay,
                                   fused=s.device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_at(k, p.total, settings.warmup))
-    t = Trainer(model, fast, fast_diff, weights, optimizer, scheduler, Best())
+    t = Trainer(model, fast, fast_diff, weights, optimizer, scheduler, Best(), compiled=compiled,
+                compile_note=compile_note)
     if checkpoint is not None:
         t.step, t.seen_tokens = load_checkpoint(checkpoint, weights, optimizer, scheduler, t.best)
         t.computed_tokens = t.seen_tokens
@@ -673,6 +704,35 @@ def _fast_paths(s: Setup, p: Plan, model, settings: TrainSettings,
     return (fast if agreed else fastpath.FastPaths()), diff
 
 
+def _compiled(s: Setup, p: Plan, model, settings: TrainSettings, fast: fastpath.FastPaths,
+              loss_fn: Callable) -> tuple[fastpath.Compiled | None, str | None]:
+    """The decoder layers compiled for the training step, when --compile asks for it (auto: a
+    CPU run of at least COMPILE_MIN_STEPS steps) and they agree with eager on the first batch;
+    else None. With a note: why not, or the check's difference."""
+    if settings.compile == "off":
+        return None, None
+    why = fastpath.compile_unavailable(s.device.type)
+    if s.sharded or s.need.checkpointing:
+        why = "sharded models and gradient checkpointing train eager"
+    if settings.compile == "auto" and (why or s.device.type != "cpu" or p.total < fastpath.COMPILE_MIN_STEPS):
+        return None, why
+    if why:
+        print(f"habit: --compile on: not compiling, {why}", file=sys.stderr)
+        return None, why
+    compiled = fastpath.Compiled(model)
+    try:
+        agreed, diff = check_compiled(model, p.first_step, s.pad_id, s.device, fast, compiled, loss_fn)
+    except Exception as e:  # noqa: BLE001 - a compiler that fails to build is a reason to run eager
+        agreed, diff, why = False, None, f"compiling failed: {models._one_line(e)[:160]}"
+        model.zero_grad(set_to_none=True)
+    agreed = _agree(s.accelerator, agreed, False, 0.0, 0)[0]  # the same on every rank
+    if not agreed:
+        why = why or f"the compiled layers differed from eager by {diff:.3g} on the first batch"
+        print(f"habit: training eager: {why}", file=sys.stderr)
+        return None, why
+    return compiled, f"agrees with eager to {diff:.2g}"
+
+
 @dataclass
 class StepResult:
     loss: float  # mean over the step's count, all processes together
@@ -699,7 +759,8 @@ def train_step(s: Setup, t: Trainer, step_batch: Batch, settings: TrainSettings,
     objective.before_step(s, t, work[:real])
     if s.sharded:  # every process runs as many passes: each forward gathers weights from all of them
         work += [work[0]] * (_most(s.accelerator, len(work)) - len(work))
-    with t.fast.fixed_weights():
+    compiled = t.compiled.active() if t.compiled is not None else contextlib.nullcontext()
+    with t.fast.fixed_weights(), compiled:
         for k, part in enumerate(work):
             sync = k == len(work) - 1  # gradients are reduced once, after the step's last pass
             weight = scale if k < real else 0.0  # an idle process's pass, or a sharded filler
@@ -778,6 +839,7 @@ def run_info(table: Table, source: models.Source, s: Setup, p: Plan, t: Trainer,
                  "memory_estimate_gb": round(s.need.total / 1e9, 2) or None,
                  "fast_paths": t.fast.names(),
                  "fast_check": round(t.fast_diff, 6) if t.fast_diff is not None else None,
+                 "compiled": t.compiled is not None, "compile_note": t.compile_note,
                  "malloc": allocator.describe()},
         "versions": versions(),
     }

@@ -19,6 +19,8 @@ and training checks that on the first batch before trusting it (training.check_f
 - head loss: cross-entropy of the lm_head in chunks of rows, its input gradient computed on the
   way. The plain path keeps bf16 logits, an fp32 copy, log-softmax and its gradient for every
   target token at once (~1 GB for 2k targets with a 49k vocabulary); here one chunk at a time.
+- compiled layers (--compile, compiled.py): the decoder layers through regional torch.compile
+  inside the training step, checked against these eager paths on the first batch.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from dataclasses import dataclass, field
 from habit.fastpath.attention import (MATMUL_ATTENTION_MAX, MAX_BUCKETS, MIN_SHARED_PREFIX, PACKED,
                                       Packing, buckets, causal, packed_attention, shared_prefix,
                                       use_packed_attention)
+from habit.fastpath.compiled import COMPILE_MIN_STEPS, Compiled, decoder_layers
+from habit.fastpath.compiled import unavailable as compile_unavailable
 from habit.fastpath.head import HEAD_CHUNK, head_logprobs, head_loss, head_loss_value, plain_head
 from habit.fastpath.lora import MERGED_KEEP_MAX, lora_layers, merged_lora
 
@@ -36,7 +40,8 @@ __all__ = ["FastPaths", "setup", "PACKED", "Packing", "buckets", "causal", "pack
            "shared_prefix", "use_packed_attention", "head_logprobs", "head_loss", "head_loss_value",
            "plain_head",
            "lora_layers", "merged_lora", "HEAD_CHUNK", "MATMUL_ATTENTION_MAX", "MAX_BUCKETS",
-           "MERGED_KEEP_MAX", "MIN_SHARED_PREFIX"]
+           "MERGED_KEEP_MAX", "MIN_SHARED_PREFIX", "COMPILE_MIN_STEPS", "Compiled", "decoder_layers",
+           "compile_unavailable"]
 
 
 @dataclass
