@@ -334,6 +334,13 @@ def _num(x) -> str:
     return "n/a" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
 
 
+def _plain(text: str) -> str:
+    """Text shown as it is: rich would take "[bench]" in "pip install 'habit[bench]'" for markup."""
+    from rich.markup import escape
+
+    return escape(text)
+
+
 def cmd_pairs(args: argparse.Namespace) -> int:
     from habit.pairs import make_pairs
 
@@ -341,7 +348,7 @@ def cmd_pairs(args: argparse.Namespace) -> int:
     summary = make_pairs(args.source, args.data, args.out, template=args.template,
                          response=args.response, settings=_settings(args, GenerationSettings),
                          n=args.n, batch_size=args.batch_size, force=args.force,
-                         say=lambda line: console.print(line, highlight=False))
+                         say=lambda line: console.print(_plain(line), highlight=False))
     if args.json:
         _print_json(summary)
         return 0
@@ -413,7 +420,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     options = _settings(args, bench.BenchOptions)
     console = _console()
-    result = bench.run(options, say=lambda line: console.print(f"[dim]bench[/] {line}", highlight=False))
+    result = bench.run(options, say=lambda line: console.print(f"[dim]bench[/] {_plain(line)}", highlight=False))
     if args.out:
         path = bench.write_sections(args.out, bench.markdown(result, args.out))
         console.print(f"wrote {path}")

@@ -268,3 +268,15 @@ def test_the_long_section_reads_its_numbers():
     assert "| 100 | 98 | 2 (2.0%) | 2048 | 20 | 30000 | 60.0 | 75.0 | 500.0 | 2.50 |" in text
     assert "median 260, p99 2400, max 5000" in text and "dropped 9 rows (9.0%)" in text
     assert "error: boom" in "\n".join(bench._long_md({"error": "boom"}, "head"))
+
+
+def test_bench_progress_lines_print_brackets_as_they_are(monkeypatch, capsys):
+    """rich reads "[bench]" as markup: the install hint for a missing TRL lost its extra's name."""
+    def fake_run(options, say):
+        say("trl: error: trl is not installed (pip install 'habit[bench]')")
+        return {}
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench, "print_result", lambda result: None)
+    assert cli.main(["bench", "--only", "habit"]) == 0
+    assert "pip install 'habit[bench]'" in capsys.readouterr().err
