@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,8 +50,6 @@ json.dump({"times": times, "compiled": plan["compiled"], "note": plan["compile_n
 
 
 def one(compile_mode: str, plain: bool, steps: int, csv: str, cache: str) -> dict:
-    import time
-
     from habit import allocator
 
     with tempfile.TemporaryDirectory() as work:
@@ -87,8 +86,8 @@ def main() -> None:
     if args.steps < 4:
         parser.error("--steps must be at least 4 (two are left out)")
     from habit import bench
-    from habit.fastpath import COMPILE_MIN_STEPS
     from habit.bench_workers import cpu_name_and_flags
+    from habit.fastpath import COMPILE_MIN_STEPS
 
     runs = {name: [] for name, *_ in VARIANTS}
     with tempfile.TemporaryDirectory() as warm:

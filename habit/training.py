@@ -181,7 +181,7 @@ def check_fast(model, batch: Batch, pad_id: int, device, fast: fastpath.FastPath
     values for the check, then restored. `loss_fn`: batch_loss's signature and result (a
     preference run checks its per-sequence log-probs)."""
     return _compare(model, batch, pad_id, device, loss_fn,
-                    [lambda: _paths(None), lambda: _paths(fast)])
+                    [_paths(None), _paths(fast)])
 
 
 def check_compiled(model, batch: Batch, pad_id: int, device, fast: fastpath.FastPaths,
@@ -189,8 +189,8 @@ def check_compiled(model, batch: Batch, pad_id: int, device, fast: fastpath.Fast
     """As check_fast, the same fast paths eager and through the compiled layers (the first call
     compiles them)."""
     return _compare(model, batch, pad_id, device, loss_fn,
-                    [lambda: _paths(fast, fast.fixed_weights()),
-                     lambda: _paths(fast, compiled.active(), fast.fixed_weights())])
+                    [_paths(fast, fast.fixed_weights()),
+                     _paths(fast, compiled.active(), fast.fixed_weights())])
 
 
 @contextlib.contextmanager
@@ -203,9 +203,10 @@ def _paths(fast: fastpath.FastPaths | None, *contexts):
 
 
 def _compare(model, batch: Batch, pad_id: int, device, loss_fn: Callable | None,
-             ways: Sequence[Callable]) -> tuple[bool, float]:
-    """Loss and LoRA gradients of up to two rows computed two ways (each a context manager
-    factory yielding the fast paths to pass): whether they agree, the larger relative difference."""
+             ways: Sequence) -> tuple[bool, float]:
+    """Loss and LoRA gradients of up to two rows computed two ways (each a context manager,
+    entered once, yielding the fast paths to pass): whether they agree, the larger relative
+    difference."""
     import torch
 
     loss_fn = loss_fn or batch_loss
@@ -216,7 +217,7 @@ def _compare(model, batch: Batch, pad_id: int, device, loss_fn: Callable | None,
         for way in ways:
             with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
                 torch.manual_seed(0)
-                with way() as paths:
+                with way as paths:
                     loss, _ = loss_fn(model, row, pad_id, device, paths)
                     loss.backward()
             grads = torch.cat([p.grad.float().flatten() for p in params if p.grad is not None])
