@@ -472,6 +472,11 @@ def _generation_md(gen: dict, head: str) -> list[str]:
         r = gen[mode]
         label = f"batch_size {gen['batch_size']}" if mode == "batched" else "one at a time"
         lines.append(f"| {label} | {r['tokens']} | {_fmt(r['seconds'], 2)} | {_fmt(r['tokens_per_s'])} |")
+    comp = gen.get("compiled") or {}
+    if "tokens_per_s" in comp:
+        lines.append(f"| one at a time, static cache, decode step compiled | {comp['tokens']} | "
+                     f"{_fmt(comp['seconds'], 2)} | {_fmt(comp['tokens_per_s'])} |")
+    lines += _anatomy_md(gen)
     lines += _llamacpp_md(gen)
     load = gen.get("load", {})
     kind = "GGUF conversion into an empty HABIT_CACHE" if load.get("gguf") else "not a GGUF source: a plain folder load"
@@ -481,6 +486,23 @@ def _generation_md(gen: dict, head: str) -> list[str]:
               f"| cached | {_fmt(load.get('cached_s'), 2)} |", ""]
     if load.get("error"):
         lines += [f"load error: {load['error']}", ""]
+    return lines
+
+
+def _anatomy_md(gen: dict) -> list[str]:
+    """What one prompt at a time spends its time on, and what compiling its decode step did."""
+    lines = []
+    comp, anat = gen.get("compiled") or {}, gen.get("anatomy")
+    if "tokens_per_s" in comp:
+        lines += ["", f"Compiled: {_fmt(comp['tokens_per_s'] / gen['single']['tokens_per_s'], 2, 'x')} one at a "
+                  f"time, after {_fmt(comp['compile_s'], 0)} s of compiling (generate's decode step through "
+                  "torch.compile with a static KV cache; not what habit's commands run)."]
+    elif comp.get("error"):
+        lines += ["", f"Compiled decode: {comp['error']}"]
+    if anat:
+        lines += ["", f"One prompt under torch.profiler: {_fmt(anat['ms_per_token'])} ms of CPU time per new token "
+                  f"over {anat['ops_per_token']:.0f} operator calls, {_fmt(100 * anat['products_share'], 0)}% of "
+                  "it in matrix products (every weight read once per token, batch or not)."]
     return lines
 
 

@@ -425,7 +425,63 @@ def worker_generation(spec: dict) -> dict:
         tokens = sum(g.tokens for g in gens)
         out[mode] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
     out["speedup"] = out["batched"]["tokens_per_s"] / out["single"]["tokens_per_s"]
+    out["anatomy"] = _decode_anatomy(model, tokenizer, template, prompts[0], stop, settings)
+    out["compiled"] = _compiled_single(model, tokenizer, template, prompts, stop, settings)
     return out
+
+
+def _decode_anatomy(model, tokenizer, template, prompt: str, stop, settings) -> dict:
+    """Where one prompt's decode time goes, under torch.profiler: the matrix products (every
+    weight read once per new token) against everything else (Python, dispatch, small ops)."""
+    import torch
+    from torch.profiler import profile
+
+    from habit.generation import generate
+
+    with profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        gens = generate(model, tokenizer, template, [prompt], stop, settings, batch_size=1)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    products = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+    calls = sum(e.count for e in events)
+    tokens = max(1, gens[0].tokens)
+    return {"tokens": tokens, "ms_per_token": total / 1000 / tokens, "products_share": products / max(1, total),
+            "ops_per_token": calls / tokens}
+
+
+def _compiled_single(model, tokenizer, template, prompts, stop, settings) -> dict:
+    """One prompt at a time with a static KV cache and generate's decode step compiled
+    (torch.compile, inductor): what compiling removes of the per-token Python and dispatch."""
+    import torch
+    from transformers import CompileConfig
+
+    from habit.generation import sampling
+
+    config = CompileConfig(fullgraph=True, mode="default")
+    config._compile_all_devices = True  # transformers compiles the decode step on GPUs only unless told
+    pad = tokenizer.pad_token_id
+
+    def one(prompt: str, new: int) -> int:
+        ids = torch.tensor([render.prompt_ids(prompt, template, tokenizer)], device=model.device)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                 eos_token_id=list(stop), pad_token_id=pad, cache_implementation="static",
+                                 compile_config=config, **sampling(settings))
+        row = out[0, ids.shape[1]:].tolist()
+        ended = next((k for k, t in enumerate(row) if t in stop), None)
+        return len(row) if ended is None else ended + 1
+
+    try:
+        start = time.perf_counter()
+        one(prompts[0], 3)  # compiles the decode step
+        compile_s = time.perf_counter() - start
+        one(prompts[1 % len(prompts)], 3)
+        start = time.perf_counter()
+        tokens = sum(one(p, settings.max_new_tokens) for p in prompts)
+        seconds = time.perf_counter() - start
+    except Exception as e:  # a missing C++ compiler or an inductor failure: the row says so
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "compile_s": compile_s}
 
 
 def _gen_prompts(spec: dict, tokenizer) -> list[str]:

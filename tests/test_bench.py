@@ -244,6 +244,29 @@ def test_llama_cpp_rows_sit_beside_habits_as_ratios(tiny_model, tmp_path):
     assert "| one at a time | f16 | 32 | 4.00 | 8.0 | 2.00x |" in text
     skipped = "\n".join(bench._generation_md({**gen, "llamacpp": found}, "head"))
     assert "llama.cpp: " + found["skipped"] in skipped
+    extra = {"compiled": {**rate(32, 1.0), "compile_s": 30.0},
+             "anatomy": {"tokens": 8, "ms_per_token": 40.0, "products_share": 0.7, "ops_per_token": 900.0}}
+    text = "\n".join(bench._generation_md({**gen, **extra}, "head"))
+    assert "| one at a time, static cache, decode step compiled | 32 | 1.00 | 32.0 |" in text
+    assert "Compiled: 2.00x one at a time, after 30 s of compiling" in text
+    assert "40.0 ms of CPU time per new token over 900 operator calls, 70% of it in matrix products" in text
+    failed = "\n".join(bench._generation_md({**gen, "compiled": {"error": "no C++ compiler"}}, "head"))
+    assert "Compiled decode: no C++ compiler" in failed
+
+
+def test_decode_anatomy_counts_the_profiled_time(tiny_model):
+    import torch
+
+    from habit.settings import GenerationSettings
+
+    model, tokenizer = models.load_model(tiny_model, dtype=torch.float32, device="cpu")
+    table = load_examples(str(ROLES), template=bench_workers.TEMPLATE)
+    template = render.choose_template(table, tokenizer)
+    prompt = render.prompt_text(template, tokenizer, fields=table.examples[0].fields)
+    found = bench_workers._decode_anatomy(model, tokenizer, template, prompt, models.stop_ids(tokenizer, model),
+                                          GenerationSettings(max_new_tokens=4))
+    assert 1 <= found["tokens"] <= 4 and found["ms_per_token"] > 0 and found["ops_per_token"] > 10
+    assert 0 < found["products_share"] < 1
 
 
 def test_the_long_table_is_long_tailed_with_unique_acts(tiny_model):
