@@ -452,32 +452,27 @@ def _decode_anatomy(model, tokenizer, template, prompt: str, stop, settings) -> 
 def _compiled_single(model, tokenizer, template, prompts, stop, settings) -> dict:
     """One prompt at a time with a static KV cache and generate's decode step compiled
     (torch.compile, inductor): what compiling removes of the per-token Python and dispatch."""
-    import torch
+    from dataclasses import replace
+
     from transformers import CompileConfig
 
-    from habit.generation import sampling
+    from habit.generation import generate
 
     config = CompileConfig(fullgraph=True, mode="default")
     config._compile_all_devices = True  # transformers compiles the decode step on GPUs only unless told
-    pad = tokenizer.pad_token_id
+    extra = {"cache_implementation": "static", "compile_config": config}
 
-    def one(prompt: str, new: int) -> int:
-        ids = torch.tensor([render.prompt_ids(prompt, template, tokenizer)], device=model.device)
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                 eos_token_id=list(stop), pad_token_id=pad, cache_implementation="static",
-                                 compile_config=config, **sampling(settings))
-        row = out[0, ids.shape[1]:].tolist()
-        ended = next((k for k, t in enumerate(row) if t in stop), None)
-        return len(row) if ended is None else ended + 1
+    def run(some, settings_) -> int:
+        return sum(g.tokens for g in generate(model, tokenizer, template, some, stop, settings_,
+                                              batch_size=1, extra=extra))
 
     try:
         start = time.perf_counter()
-        one(prompts[0], 3)  # compiles the decode step
+        run(prompts[:1], replace(settings, max_new_tokens=3))  # compiles the decode step
         compile_s = time.perf_counter() - start
-        one(prompts[1 % len(prompts)], 3)
+        run(prompts[1:2], replace(settings, max_new_tokens=3))
         start = time.perf_counter()
-        tokens = sum(one(p, settings.max_new_tokens) for p in prompts)
+        tokens = run(prompts, settings)
         seconds = time.perf_counter() - start
     except Exception as e:  # a missing C++ compiler or an inductor failure: the row says so
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}

@@ -70,8 +70,9 @@ def sampling(settings: GenerationSettings) -> dict:
 
 def generate(model, tokenizer, template: Template, prompts: Sequence[str], stop: Sequence[int],
              settings: GenerationSettings = GenerationSettings(), inputs: Sequence[str] | None = None,
-             batch_size: int = 16) -> list[Generation]:
-    """Complete each prompt text; batches of `batch_size` share one padded forward pass."""
+             batch_size: int = 16, extra: Mapping | None = None) -> list[Generation]:
+    """Complete each prompt text; batches of `batch_size` share one padded forward pass.
+    `extra`: more keyword arguments for transformers' generate (the benchmark's cache and compile)."""
     import torch
 
     results: list[Generation] = []
@@ -89,7 +90,7 @@ def generate(model, tokenizer, template: Template, prompts: Sequence[str], stop:
                 out = model.generate(
                     input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                     max_new_tokens=settings.max_new_tokens, eos_token_id=list(stop),
-                    pad_token_id=pad, **sampling(settings))
+                    pad_token_id=pad, **sampling(settings), **(extra or {}))
             for i, row in enumerate(out[:, width:].tolist()):
                 ended = next((k for k, t in enumerate(row) if t in stop), None)
                 new = row[:ended] if ended is not None else row
