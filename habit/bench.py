@@ -476,6 +476,12 @@ def _generation_md(gen: dict, head: str) -> list[str]:
     if "tokens_per_s" in comp:
         lines.append(f"| one at a time, static cache, decode step compiled | {comp['tokens']} | "
                      f"{_fmt(comp['seconds'], 2)} | {_fmt(comp['tokens_per_s'])} |")
+    for mode in ("batched", "single"):
+        r = (gen.get("fp16") or {}).get(mode)
+        if r:
+            label = f"batch_size {gen['batch_size']}" if mode == "batched" else "one at a time"
+            lines.append(f"| {label}, the weights in fp16 | {r['tokens']} | {_fmt(r['seconds'], 2)} | "
+                         f"{_fmt(r['tokens_per_s'])} |")
     lines += _anatomy_md(gen)
     lines += _llamacpp_md(gen)
     load = gen.get("load", {})

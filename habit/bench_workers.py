@@ -416,17 +416,27 @@ def worker_generation(spec: dict) -> dict:
     generate(model, tokenizer, template, prompts[:2], stop, GenerationSettings(max_new_tokens=2))  # warm-up
     out = {"prompts": len(prompts), "max_new_tokens": spec["gen_tokens"], "batch_size": 16,
            "dtype": "bf16" if dtype == torch.bfloat16 else "fp32"}
-    for mode, size in (("batched", 16), ("single", 1)):
+
+    def timed(size: int) -> dict:
         _sync()
         start = time.perf_counter()
         gens = generate(model, tokenizer, template, prompts, stop, settings, batch_size=size)
         _sync()
         seconds = time.perf_counter() - start
         tokens = sum(g.tokens for g in gens)
-        out[mode] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+        return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+    for mode, size in (("batched", 16), ("single", 1)):
+        out[mode] = timed(size)
     out["speedup"] = out["batched"]["tokens_per_s"] / out["single"]["tokens_per_s"]
     out["anatomy"] = _decode_anatomy(model, tokenizer, template, prompts[0], stop, settings)
     out["compiled"] = _compiled_single(model, tokenizer, template, prompts, stop, settings)
+    if device == "cpu" and dtype == torch.bfloat16:
+        # the same weights in fp16: a CPU's fp16 matrix-vector kernel may read weights faster
+        # than its bf16 one (one row per step) while its fp16 matrix products are slower (many)
+        model.to(torch.float16)
+        generate(model, tokenizer, template, prompts[:2], stop, GenerationSettings(max_new_tokens=2))
+        out["fp16"] = {mode: timed(size) for mode, size in (("batched", 16), ("single", 1))}
     return out
 
 

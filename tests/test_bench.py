@@ -245,10 +245,13 @@ def test_llama_cpp_rows_sit_beside_habits_as_ratios(tiny_model, tmp_path):
     skipped = "\n".join(bench._generation_md({**gen, "llamacpp": found}, "head"))
     assert "llama.cpp: " + found["skipped"] in skipped
     extra = {"compiled": {**rate(32, 1.0), "compile_s": 30.0},
+             "fp16": {"batched": rate(32, 4.0), "single": rate(32, 1.6)},
              "anatomy": {"tokens": 8, "ms_per_token": 40.0, "products_share": 0.7, "ops_per_token": 900.0}}
     text = "\n".join(bench._generation_md({**gen, **extra}, "head"))
     assert "| one at a time, static cache, decode step compiled | 32 | 1.00 | 32.0 |" in text
     assert "Compiled: 2.00x one at a time, after 30 s of compiling" in text
+    assert "| batch_size 16, the weights in fp16 | 32 | 4.00 | 8.0 |" in text
+    assert "| one at a time, the weights in fp16 | 32 | 1.60 | 20.0 |" in text
     assert "40.0 ms of CPU time per new token over 900 operator calls, 70% of it in matrix products" in text
     failed = "\n".join(bench._generation_md({**gen, "compiled": {"error": "no C++ compiler"}}, "head"))
     assert "Compiled decode: no C++ compiler" in failed
