@@ -77,12 +77,19 @@ def test_buckets_cover_every_example_once_and_are_optimal():
 
 # --- packed attention ----------------------------------------------------------------------------
 
-LONG = pytest.mark.parametrize("matmul_max", [1024, 4], ids=["matmul", "sdpa-for-long"])
+LONG = pytest.mark.parametrize("matmul_max", [1024, 4], ids=["matmul", "chunked-for-long"])
+
+
+def long_buckets(monkeypatch, matmul_max: int) -> None:
+    """Buckets longer than `matmul_max` take the chunked path, in chunks of 3 queries (many per
+    example, with the causal edge and the window's start inside chunks)."""
+    monkeypatch.setattr(fastpath.attention, "MATMUL_ATTENTION_MAX", matmul_max)
+    monkeypatch.setattr(fastpath.attention, "QUERY_CHUNK", 3)
 
 
 @LONG
 def test_packed_attention_logits_equal_per_example_logits(tiny, matmul_max, monkeypatch):
-    monkeypatch.setattr(fastpath.attention, "MATMUL_ATTENTION_MAX", matmul_max)
+    long_buckets(monkeypatch, matmul_max)
     tiny_model, tok, enc = tiny
     model, _ = models.load_model(tiny_model, dtype=torch.float32)
     assert fastpath.use_packed_attention(model)
@@ -126,7 +133,7 @@ def test_shared_prefix_stops_before_the_first_difference_and_the_first_target():
 def test_a_shared_prefix_gives_the_per_example_logits(tiny, matmul_max, monkeypatch):
     """The prefix computed once at the start of row 0, every example attending to it: the logits
     of each example's own tokens equal those of the example run whole, alone."""
-    monkeypatch.setattr(fastpath.attention, "MATMUL_ATTENTION_MAX", matmul_max)
+    long_buckets(monkeypatch, matmul_max)
     tiny_model, tok, enc = tiny
     enc = with_system_prompt(enc, tok)
     prefix = fastpath.shared_prefix(enc)
@@ -149,7 +156,9 @@ def test_a_shared_prefix_gives_the_per_example_logits(tiny, matmul_max, monkeypa
                 start += own
 
 
-def test_a_shared_prefix_gives_the_plain_loss_and_gradients(tiny):
+@LONG
+def test_a_shared_prefix_gives_the_plain_loss_and_gradients(tiny, matmul_max, monkeypatch):
+    long_buckets(monkeypatch, matmul_max)
     tiny_model, tok, enc = tiny
     enc = with_system_prompt(enc, tok)
     model = lora_model(tiny_model)
@@ -165,7 +174,7 @@ def test_a_shared_prefix_gives_the_plain_loss_and_gradients(tiny):
 @LONG
 def test_packed_attention_respects_a_sliding_window(matmul_max, monkeypatch):
     """Gemma 3 mixes sliding-window and full layers; spans longer than the window get its mask."""
-    monkeypatch.setattr(fastpath.attention, "MATMUL_ATTENTION_MAX", matmul_max)
+    long_buckets(monkeypatch, matmul_max)
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(0)
@@ -208,6 +217,36 @@ def test_without_packing_the_attention_is_plain_sdpa(tiny):
     with torch.no_grad():
         torch.testing.assert_close(fast(input_ids=ids, attention_mask=mask).logits,
                                    plain(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_long_examples_chunked_give_the_plain_loss_and_gradients(tiny, monkeypatch):
+    """Every bucket through the chunked path, its scores recomputed in the backward."""
+    long_buckets(monkeypatch, 4)
+    tiny_model, tok, enc = tiny
+    model = lora_model(tiny_model)
+    batch = packed_batch(enc)
+    plain = loss_and_grads(model, batch, tok.pad_token_id, None)
+    assert_same(loss_and_grads(model, batch, tok.pad_token_id, fastpath.FastPaths(attention=True)), plain)
+
+
+def test_chunked_attention_holds_one_chunk_of_scores_at_a_time():
+    """What the backward keeps: the inputs, not the L² scores (checkpointed chunks)."""
+    torch.manual_seed(0)
+    n, heads, kv, length, dim = 1, 4, 2, 96, 8
+    q = torch.randn(n, heads, length, dim, requires_grad=True)
+    k, v = (torch.randn(n, kv, length, dim, requires_grad=True) for _ in range(2))
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fastpath.attention.chunked_attention(q, k, v, 0, None, dim**-0.5)
+    assert max(saved) < heads * length * length // 4  # no score matrix of the whole example
+    rep = torch.repeat_interleave
+    want = F.scaled_dot_product_attention(q, rep(k, 2, dim=1), rep(v, 2, dim=1), is_causal=True)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
 # --- merged LoRA and the head loss, against the plain path ---------------------------------------

@@ -7,7 +7,8 @@ from typing import Sequence
 
 PACKED = "habit_packed"  # the attention implementation name registered with transformers
 MAX_BUCKETS = 4  # attention calls per layer: examples are padded up to their bucket's longest
-MATMUL_ATTENTION_MAX = 1024  # longer buckets go through sdpa (O(length) memory, not O(length²))
+MATMUL_ATTENTION_MAX = 1024  # longer buckets: queries in chunks (O(length) memory, not O(length²))
+QUERY_CHUNK = 512  # a long bucket's queries per chunk (BENCHMARKS.md, "Attention for long examples")
 
 
 def buckets(lengths: Sequence[int], most: int = MAX_BUCKETS) -> list[list[int]]:
@@ -130,7 +131,6 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     ~4x faster than sdpa's flash kernel at these lengths, whose backward has a large fixed cost).
     Without it: plain sdpa with the model's mask (generation, caches, anything unusual)."""
     import torch
-    import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if habit_packing is None or dropout or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
@@ -162,12 +162,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
             return torch.cat([x_pre.expand(count, -1, -1, -1), own], dim=2) if pre else own
 
         if length > MATMUL_ATTENTION_MAX:
-            # long examples: scores for the whole bucket would take O(length²) memory per layer
-            # (9 heads × 4096² in bf16 is 300 MB); sdpa's kernels keep it O(length)
-            mask = causal(length, window, query.device, pre) if pre or (window and length > window) else None
-            out = F.scaled_dot_product_attention(take(q, heads), keys(k, k_pre), keys(v, v_pre),
-                                                 attn_mask=mask, is_causal=mask is None, scale=scale,
-                                                 enable_gqa=rep > 1)
+            out = chunked_attention(take(q, heads), keys(k, k_pre), keys(v, v_pre), pre, window, scale)
             outs.append(out.transpose(1, 2).reshape(count * length, heads, dim))
             continue
         # query heads sharing a key/value head stack along the rows: one matmul per kv head
@@ -181,6 +176,58 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     outs.append(query.new_zeros(1, heads, dim))
     out = torch.cat(outs).index_select(0, habit_packing.scatter)
     return out.view(batch, width, heads, dim), None
+
+
+def _chunk_mask(start: int, stop: int, low: int, prefix: int, window: int | None, rep: int, dtype, device):
+    """Additive mask of queries start..stop-1 (own positions) against the prefix's keys and the
+    example's keys low..stop-1, rows repeated for grouped-query heads."""
+    import torch
+
+    q = torch.arange(start, stop, device=device) + prefix
+    k = torch.cat([torch.arange(prefix, device=device), torch.arange(low, stop, device=device) + prefix])
+    allowed = q[:, None] >= k[None, :]
+    if window:
+        allowed &= q[:, None] - k[None, :] < window
+    add = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+    return add.repeat(rep, 1)
+
+
+def _chunk(q, k, v, start: int, stop: int, low: int, prefix: int, window: int | None, scale: float):
+    """One chunk of queries [n, kv, rep, c, D] against the keys they may see [n, kv, keys, D]."""
+    import torch
+
+    n, kv, rep, c, dim = q.shape
+    mask = _chunk_mask(start, stop, low, prefix, window, rep, q.dtype, q.device)
+    scores = torch.baddbmm(mask.expand(n * kv, -1, -1), q.reshape(n * kv, rep * c, dim),
+                           k.reshape(n * kv, -1, dim).transpose(1, 2), alpha=scale)
+    return torch.bmm(torch.softmax(scores, dim=-1), v.reshape(n * kv, -1, dim)).view(n, kv, rep, c, dim)
+
+
+def chunked_attention(query, key, value, prefix: int, window: int | None, scale: float):
+    """Causal attention of long examples, [n, heads, L, D] queries against [n, kv, prefix + L, D]
+    keys/values: queries in chunks of QUERY_CHUNK, each against only the keys it can see (the
+    prefix, then its own causal or in-window span), its scores recomputed in the backward instead
+    of kept. Memory O(chunk·L) per layer, not O(L²); about half the products of the full square
+    and, with bmm's kernels, faster than sdpa's flash kernel on a CPU at these lengths
+    (BENCHMARKS.md, "Attention for long examples")."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    n, heads, length, dim = query.shape
+    kv = key.shape[1]
+    q = query.view(n, kv, heads // kv, length, dim)
+    keep = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    outs = []
+    for start in range(0, length, QUERY_CHUNK):
+        stop = min(length, start + QUERY_CHUNK)
+        low = max(0, start - window + 1) if window else 0
+        if prefix and low:
+            k, v = (torch.cat([x[:, :, :prefix], x[:, :, prefix + low : prefix + stop]], dim=2) for x in (key, value))
+        else:
+            k, v = key[:, :, low : prefix + stop], value[:, :, low : prefix + stop]
+        args = (q[:, :, :, start:stop], k, v, start, stop, low, prefix, window, scale)
+        outs.append(checkpoint(_chunk, *args, use_reentrant=False) if keep else _chunk(*args))
+    return torch.cat(outs, dim=3).view(n, heads, length, dim)
 
 
 def use_packed_attention(model) -> bool:
