@@ -16,6 +16,7 @@ import datetime
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,17 +67,18 @@ def op_time(fn, heads: int, kv: int, dim: int, length: int) -> tuple[float, floa
     q = torch.randn(1, heads, length, dim, dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(1, kv, length, dim, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     grad = torch.randn(1, heads, length, dim, dtype=torch.bfloat16)
-    saved = []
+    saved = {}  # storage → bytes: a view of q, k or v counts its storage once
 
     def pack(t):
-        saved.append(t.untyped_storage().nbytes() if t.layout == torch.strided else 0)
+        if t.layout == torch.strided:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     start = time.perf_counter()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn(q, k, v, 0, None, dim**-0.5)
     out.backward(grad)
-    return time.perf_counter() - start, sum(saved) / 2**20
+    return time.perf_counter() - start, sum(saved.values()) / 2**20
 
 
 def op_rows(repeats: int) -> list[dict]:
@@ -178,7 +180,6 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=3, help="training steps per run (the first is not timed)")
     p.add_argument("--train-lengths", type=int, nargs="*", default=[2048, 4096])
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
-    p.add_argument("--work", default="/tmp/habit-bench-attention")
     args = p.parse_args(argv)
     from habit import allocator
 
@@ -193,7 +194,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     MATMUL_MAX = attention.MATMUL_ATTENTION_MAX
     ops = op_rows(args.repeats)
-    trains = train_rows(args.train_lengths, args.steps, args.repeats, Path(args.work))
+    with tempfile.TemporaryDirectory(prefix="habit-bench-attention-") as work:
+        trains = train_rows(args.train_lengths, args.steps, args.repeats, Path(work))
     cpu, flags = bench_workers.cpu_name_and_flags()
     head = (f"{cpu} (flags: {' '.join(flags)}), {os.cpu_count()} cores, torch {torch.__version__}, "
             f"threads {torch.get_num_threads()}, malloc {allocator.active() or 'system'}, "

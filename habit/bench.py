@@ -425,7 +425,8 @@ def markdown(result: dict, out: str | None = None) -> dict[str, str]:
                   "installed: `make malloc`), habit-sysmalloc on the system's.", ""]
         sections["train"] = "\n".join(lines + _reproduce(result, out))
     if "scale" in result:
-        sections["scale"] = "\n".join(_scale_md(result["scale"], head) + _reproduce(result, out))
+        sections["scale"] = "\n".join(_scale_md(result["scale"], head, result.get("peak_gflops") or {})
+                                      + _reproduce(result, out))
     if "generation" in result:
         sections["generation"] = "\n".join(_generation_md(result["generation"], head) + _reproduce(result, out))
     if "long" in result:
@@ -444,13 +445,19 @@ def _bars(pairs: list[tuple[str, float | None]], width: int = 40) -> list[str]:
     return [f"{k:>{label}} | {'#' * round(width * (v or 0) / top)} {_fmt(v)}" for k, v in pairs]
 
 
-def _scale_md(scale: dict, head: str) -> list[str]:
+def _scale_md(scale: dict, head: str, peaks: dict | None = None) -> list[str]:
     if "error" in scale:
         return ["## habit: scaling", "", head, "", f"error: {scale['error']}", ""]
     lines = ["## habit: tokens/s by example length, time by data size", "", head, "",
-             "| example length (target / mean) | batch tokens | real tokens/s | step (s) |", "|---:|---:|---:|---:|"]
-    lines += [f"| {r['length']} / {_fmt(r['mean_length'], 0)} | {r['batch_tokens']} | {_fmt(r['tokens_per_s'])} | "
-              f"{_fmt(r['step_s'], 2)} |" for r in scale["lengths"]]
+             "| example length (target / mean) | batch tokens | real tokens/s | step (s) | MFLOP per token | MFU |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in scale["lengths"]:
+        flops = r.get("flops_per_token")
+        share = _row_mfu(r["tokens_per_s"], flops, r.get("dtype"), peaks or {})
+        lines.append(f"| {r['length']} / {_fmt(r['mean_length'], 0)} | {r['batch_tokens']} | {_fmt(r['tokens_per_s'])} | "
+                     f"{_fmt(r['step_s'], 2)} | {_fmt(flops and flops / 1e6, 0)} | {_fmt(share and 100 * share, 1, '%')} |")
+    lines += ["", "MFLOP per token as in the training table (attention over the mean length): it grows with the "
+              "length, so tokens/s falls even where MFU holds."]
     lines += ["", "```", "tokens/s by example length", *_bars([(str(r["length"]), r["tokens_per_s"])
                                                                  for r in scale["lengths"]]), "```", "",
               "| data | real tokens | steps | seconds | s per 1k tokens |", "|---:|---:|---:|---:|---:|"]

@@ -367,9 +367,11 @@ def worker_scale(spec: dict) -> dict:
     """habit's tokens/s by example length, and training time for 1x/4x/16x the data."""
     table, train_ex, _ = _split(spec)
     source = models.resolve(spec["model"])
+    folder = models.model_dir(source)
     tokenizer = models.load_tokenizer(source)
     template = render.choose_template(table, tokenizer)
     stop = models.stop_ids(tokenizer)
+    dtype = "bf16" if "bfloat16" in str(models.best_dtype("auto", _device())) else "fp32"
     lengths = []
     for length in int_list(spec["scale_lengths"]):
         batch = max(TrainSettings.batch_tokens, length)
@@ -380,8 +382,14 @@ def worker_scale(spec: dict) -> dict:
         rows = _train_habit(_only_train(table, examples), Path(spec["work"]) / f"len-{length}", spec["model"],
                             settings)
         rate, step_s = steady_rate(_marks(rows))
-        lengths.append({"length": length, "mean_length": sum(map(len, enc)) / max(1, len(enc)),
-                        "batch_tokens": batch, "tokens_per_s": rate, "step_s": step_s})
+        tokens = sum(map(len, enc))
+        mean = tokens / max(1, len(enc))
+        # attention's FLOPs per token grow with the length: MFU, not tokens/s, is what can stay flat
+        flops = _model_flops(folder, Path(spec["work"]) / f"len-{length}", mean,
+                             head_share=sum(sum(e.loss[1:]) for e in enc) / max(1, tokens))
+        lengths.append({"length": length, "mean_length": mean, "batch_tokens": batch, "tokens_per_s": rate,
+                        "step_s": step_s, "flops_per_token": flops * rows[-1]["tokens_computed"] / rows[-1]["tokens"],
+                        "dtype": dtype})
     base, total = [], 0
     for ex in train_ex:  # the first examples, up to --scale-tokens: the data at 1x
         n = len(render.encode(ex, template, tokenizer, stop))

@@ -306,3 +306,14 @@ def test_bench_progress_lines_print_brackets_as_they_are(monkeypatch, capsys):
     monkeypatch.setattr(bench, "print_result", lambda result: None)
     assert cli.main(["bench", "--only", "habit"]) == 0
     assert "pip install 'habit[bench]'" in capsys.readouterr().err
+
+
+def test_the_scale_rows_carry_flops_per_token_and_mfu(tiny_model, tmp_path):
+    """Longer examples cost more FLOPs per token (attention), so the table shows MFU beside tokens/s."""
+    opts = _options(tiny_model, scale_lengths="32,64", scale_steps=2, scale_data="1", scale_tokens=100)
+    found = bench.spawn("scale", opts, tmp_path, timeout=300)
+    short, long = found["lengths"]
+    assert long["flops_per_token"] > short["flops_per_token"] > 0
+    text = "\n".join(bench._scale_md(found, "head", {"bf16": 100.0, "fp32": 50.0}))
+    want = 100 * long["tokens_per_s"] * long["flops_per_token"] / (100.0 if long["dtype"] == "bf16" else 50.0) / 1e9
+    assert f"| {long['flops_per_token'] / 1e6:.0f} | {want:.1f}% |" in text

@@ -5,7 +5,9 @@ and training checks that on the first batch before trusting it (training.check_f
   causal within each example. The plain path runs sdpa over whole rows with a block-diagonal
   mask, which computes every masked-out block as well (with ~4 examples a row, 3/4 of the work);
   on a CPU, sdpa's flash kernel also has a slow backward at these lengths: ~30% of a step. Here a
-  bucket is two batched matmuls and a softmax; long buckets (over 1024 tokens) use sdpa.
+  bucket is two batched matmuls and a softmax. Long buckets (over 1024 tokens) attend in chunks
+  of queries, each against only the keys it can see, their scores recomputed in the backward:
+  memory grows with the length, not its square, and it beats sdpa's CPU kernel there too.
   With it, a pass is laid out as one row (training.one_row: no room left at row ends), and a
   prefix every example shares (a chat template's system prompt: 23 of SmolLM2's ~130 tokens an
   example on the tutorial's table) is computed once a pass, every example attending to its keys
