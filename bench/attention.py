@@ -43,17 +43,13 @@ def sdpa(query, key, value, prefix: int, window, scale: float):
 def square(query, key, value, prefix: int, window, scale: float):
     """The path of buckets up to MATMUL_ATTENTION_MAX: the whole causal square as two batched
     matmuls and a softmax, scores kept for the backward."""
-    import torch
-
-    from habit.fastpath.attention import causal
+    from habit.fastpath.attention import additive, attend, causal
 
     n, heads, length, dim = query.shape
     kv = key.shape[1]
-    allowed = causal(length, window, query.device, prefix)
-    mask = torch.zeros(allowed.shape, dtype=query.dtype).masked_fill_(~allowed, float("-inf")).repeat(heads // kv, 1)
-    scores = torch.baddbmm(mask.expand(n * kv, -1, -1), query.reshape(n * kv, -1, dim),
-                           key.reshape(n * kv, -1, dim).transpose(1, 2), alpha=scale)
-    return torch.bmm(torch.softmax(scores, dim=-1), value.reshape(n * kv, -1, dim)).view(n, heads, length, dim)
+    mask = additive(causal(length, window, query.device, prefix), heads // kv, query.dtype)
+    out = attend(query.reshape(n * kv, -1, dim), key.reshape(n * kv, -1, dim), value.reshape(n * kv, -1, dim), mask, scale)
+    return out.view(n, heads, length, dim)
 
 
 SQUARE_MAX = 2048  # the square's scores grow as length²: not timed past this
@@ -137,9 +133,11 @@ def train_rows(lengths: list[int], steps: int, repeats: int, work: Path) -> list
 
 
 def markdown(ops: list[dict], trains: list[dict], head: str, repeats: int, steps: int, command: str) -> str:
+    from habit.fastpath.attention import MATMUL_ATTENTION_MAX
+
     med, lo = statistics.median, min
     lines = ["## Attention for long examples: chunked vs sdpa", "", head, "",
-             f"Buckets up to {MATMUL_MAX} tokens take the square (two batched matmuls over the whole causal "
+             f"Buckets up to {MATMUL_ATTENTION_MAX} tokens take the square (two batched matmuls over the whole causal "
              f"square, scores kept); longer ones the chunked path (sdpa before). Each variant {repeats} times, "
              "alternating; bf16. The attention call alone, one example, forward + backward, seconds (GFLOP/s "
              "counts the causal half of QK^T and AV; saved: what the backward keeps, besides one chunk's "
@@ -170,11 +168,7 @@ def markdown(ops: list[dict], trains: list[dict], head: str, repeats: int, steps
     return "\n".join(lines)
 
 
-MATMUL_MAX = 1024
-
-
 def main(argv=None) -> None:
-    global MATMUL_MAX
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=3, help="training steps per run (the first is not timed)")
@@ -192,7 +186,6 @@ def main(argv=None) -> None:
     from habit.fastpath import attention
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    MATMUL_MAX = attention.MATMUL_ATTENTION_MAX
     ops = op_rows(args.repeats)
     with tempfile.TemporaryDirectory(prefix="habit-bench-attention-") as work:
         trains = train_rows(args.train_lengths, args.steps, args.repeats, Path(work))

@@ -346,11 +346,16 @@ def worker_habit(spec: dict, precision: str = "auto", qlora: bool = False, plain
     rows = _train_habit(_only_train(table, train_ex), run, spec["model"], settings)
     dtype = models.best_dtype(precision, device)
     name = "bf16" if dtype == torch.bfloat16 else "fp32"
+    mean, head_share = _lengths_and_targets(enc)
+    return _finish(spec, _marks(rows), folder, run, f"nf4+{name}" if qlora else name, mean, rows[-1]["elapsed_s"],
+                   rows[-1]["tokens_computed"] / rows[-1]["tokens"], head_share=head_share)
+
+
+def _lengths_and_targets(enc) -> tuple[float, float]:
+    """The mean example length of encoded examples, and the share of their tokens that are
+    targets (where habit runs the lm_head): what their FLOPs per token depend on."""
     tokens = sum(len(e) for e in enc)
-    targets = sum(sum(e.loss[1:]) for e in enc)
-    return _finish(spec, _marks(rows), folder, run, f"nf4+{name}" if qlora else name,
-                   tokens / len(enc), rows[-1]["elapsed_s"],
-                   rows[-1]["tokens_computed"] / rows[-1]["tokens"], head_share=targets / tokens)
+    return tokens / max(1, len(enc)), sum(sum(e.loss[1:]) for e in enc) / max(1, tokens)
 
 
 def _synthetic(train_ex, tokenizer, length: int, count: int) -> list[data.Example]:
@@ -365,13 +370,15 @@ def _synthetic(train_ex, tokenizer, length: int, count: int) -> list[data.Exampl
 
 def worker_scale(spec: dict) -> dict:
     """habit's tokens/s by example length, and training time for 1x/4x/16x the data."""
+    import torch
+
     table, train_ex, _ = _split(spec)
     source = models.resolve(spec["model"])
     folder = models.model_dir(source)
     tokenizer = models.load_tokenizer(source)
     template = render.choose_template(table, tokenizer)
     stop = models.stop_ids(tokenizer)
-    dtype = "bf16" if "bfloat16" in str(models.best_dtype("auto", _device())) else "fp32"
+    dtype = "bf16" if models.best_dtype("auto", _device()) == torch.bfloat16 else "fp32"
     lengths = []
     for length in int_list(spec["scale_lengths"]):
         batch = max(TrainSettings.batch_tokens, length)
@@ -379,14 +386,12 @@ def worker_scale(spec: dict) -> dict:
         enc, _ = render.encode_all(examples, template, tokenizer, stop, length)
         settings = TrainSettings(steps=spec["scale_steps"], val_frac=0.0, save_every=10**9, max_len=length,
                                  batch_tokens=batch)
-        rows = _train_habit(_only_train(table, examples), Path(spec["work"]) / f"len-{length}", spec["model"],
-                            settings)
+        run = Path(spec["work"]) / f"len-{length}"
+        rows = _train_habit(_only_train(table, examples), run, spec["model"], settings)
         rate, step_s = steady_rate(_marks(rows))
-        tokens = sum(map(len, enc))
-        mean = tokens / max(1, len(enc))
+        mean, head_share = _lengths_and_targets(enc)
         # attention's FLOPs per token grow with the length: MFU, not tokens/s, is what can stay flat
-        flops = _model_flops(folder, Path(spec["work"]) / f"len-{length}", mean,
-                             head_share=sum(sum(e.loss[1:]) for e in enc) / max(1, tokens))
+        flops = _model_flops(folder, run, mean, head_share)
         lengths.append({"length": length, "mean_length": mean, "batch_tokens": batch, "tokens_per_s": rate,
                         "step_s": step_s, "flops_per_token": flops * rows[-1]["tokens_computed"] / rows[-1]["tokens"],
                         "dtype": dtype})

@@ -37,18 +37,36 @@ def buckets(lengths: Sequence[int], most: int = MAX_BUCKETS) -> list[list[int]]:
     return groups[::-1]
 
 
-def causal(length: int, window: int | None, device=None, prefix: int = 0):
-    """[length, prefix + length] bool: query i may see key j (j ≤ i, and within the sliding window
-    if any). With a shared prefix, the keys are the prefix's (positions 0..prefix-1) then the
-    example's own, and query i sits at position prefix + i."""
+def causal(length: int, window: int | None, device=None, prefix: int = 0, start: int = 0, low: int = 0):
+    """[length - start, prefix + length - low] bool: query i may see key j (j ≤ i, and within the
+    sliding window if any). With a shared prefix, the keys are the prefix's (positions
+    0..prefix-1) then the example's own, and query i sits at position prefix + i. `start` and
+    `low`: only the queries from `start` and the example's own keys from `low` (one chunk)."""
     import torch
 
-    q = torch.arange(length, device=device) + prefix
-    k = torch.cat([torch.arange(prefix, device=device), q])
+    q = torch.arange(start, length, device=device) + prefix
+    k = torch.cat([torch.arange(prefix, device=device), torch.arange(low, length, device=device) + prefix])
     allowed = q[:, None] >= k[None, :]
     if window:
         allowed &= q[:, None] - k[None, :] < window
     return allowed
+
+
+def additive(allowed, repeat: int, dtype):
+    """A bool mask as an additive one (0 / -inf), rows repeated for grouped-query heads."""
+    import torch
+
+    add = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+    return add.repeat(repeat, 1)
+
+
+def attend(q, k, v, mask, scale: float):
+    """softmax(q·kᵀ·scale + mask)·v: queries [B, rows, D], keys and values [B, keys, D], the
+    mask [rows, keys]. Two batched matmuls and a softmax."""
+    import torch
+
+    scores = torch.baddbmm(mask.expand(q.shape[0], -1, -1), q, k.transpose(1, 2), alpha=scale)
+    return torch.bmm(torch.softmax(scores, dim=-1), v)
 
 
 def shared_prefix(encoded) -> int:
@@ -114,13 +132,9 @@ class Packing:
 
     def mask(self, length: int, repeat: int, window: int | None, dtype, device, prefix: int = 0):
         """Additive causal mask (0 / -inf) for one bucket, rows repeated for grouped-query heads."""
-        import torch
-
         key = (length, repeat, window, dtype, prefix)
         if key not in self._masks:
-            allowed = causal(length, window, device, prefix)
-            add = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
-            self._masks[key] = add.repeat(repeat, 1)
+            self._masks[key] = additive(causal(length, window, device, prefix), repeat, dtype)
         return self._masks[key]
 
 
@@ -170,37 +184,20 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         kb = keys(k, k_pre).reshape(count * kv_heads, pre + length, dim)
         vb = keys(v, v_pre).reshape(count * kv_heads, pre + length, dim)
         mask = habit_packing.mask(length, rep, window, query.dtype, query.device, pre)
-        scores = torch.baddbmm(mask.expand(count * kv_heads, -1, -1), qb, kb.transpose(1, 2), alpha=scale)
-        out = torch.bmm(torch.softmax(scores, dim=-1), vb)  # [count·kv, rep·len, D]
+        out = attend(qb, kb, vb, mask, scale)  # [count·kv, rep·len, D]
         outs.append(out.view(count, heads, length, dim).transpose(1, 2).reshape(count * length, heads, dim))
     outs.append(query.new_zeros(1, heads, dim))
     out = torch.cat(outs).index_select(0, habit_packing.scatter)
     return out.view(batch, width, heads, dim), None
 
 
-def _chunk_mask(start: int, stop: int, low: int, prefix: int, window: int | None, rep: int, dtype, device):
-    """Additive mask of queries start..stop-1 (own positions) against the prefix's keys and the
-    example's keys low..stop-1, rows repeated for grouped-query heads."""
-    import torch
-
-    q = torch.arange(start, stop, device=device) + prefix
-    k = torch.cat([torch.arange(prefix, device=device), torch.arange(low, stop, device=device) + prefix])
-    allowed = q[:, None] >= k[None, :]
-    if window:
-        allowed &= q[:, None] - k[None, :] < window
-    add = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
-    return add.repeat(rep, 1)
-
-
 def _chunk(q, k, v, start: int, stop: int, low: int, prefix: int, window: int | None, scale: float):
-    """One chunk of queries [n, kv, rep, c, D] against the keys they may see [n, kv, keys, D]."""
-    import torch
-
+    """One chunk of queries [n, kv, rep, c, D] (own positions start..stop-1) against the keys they
+    may see [n, kv, keys, D] (the prefix's, then the example's own from `low`)."""
     n, kv, rep, c, dim = q.shape
-    mask = _chunk_mask(start, stop, low, prefix, window, rep, q.dtype, q.device)
-    scores = torch.baddbmm(mask.expand(n * kv, -1, -1), q.reshape(n * kv, rep * c, dim),
-                           k.reshape(n * kv, -1, dim).transpose(1, 2), alpha=scale)
-    return torch.bmm(torch.softmax(scores, dim=-1), v.reshape(n * kv, -1, dim)).view(n, kv, rep, c, dim)
+    mask = additive(causal(stop, window, q.device, prefix, start, low), rep, q.dtype)
+    out = attend(q.reshape(n * kv, rep * c, dim), k.reshape(n * kv, -1, dim), v.reshape(n * kv, -1, dim), mask, scale)
+    return out.view(n, kv, rep, c, dim)
 
 
 def chunked_attention(query, key, value, prefix: int, window: int | None, scale: float):
