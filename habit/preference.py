@@ -181,6 +181,8 @@ def _paths(fast, targets):
             stack.enter_context(fastpath.merged_lora(fast.lora, fast.kept))
         if fast is not None and fast.head is not None:
             stack.enter_context(fastpath.head_logprobs(fast.head, targets))
+        if fast is not None and fast.norms:
+            stack.enter_context(fastpath.fused_norms(fast.norms))
         yield
 
 

@@ -690,12 +690,13 @@ def _fast_paths(s: Setup, p: Plan, model, settings: TrainSettings,
         adapters.checkpoint_activations(model)
         # the recomputation runs inside the backward, outside a pass's fast-path context, and would
         # rebuild merged-LoRA layers as PEFT's (a different graph from the one it replaces)
-        fast = dataclasses.replace(fast, lora=())
+        fast = dataclasses.replace(fast, lora=(), norms=())
     if fast.attention:
         fast = dataclasses.replace(fast, prefix=fastpath.shared_prefix(s.train_enc + s.val_enc))
     if s.sharded:
         # merged LoRA and the head loss read whole weights inside their own backward; ZeRO-3 and
-        # FSDP shard weights between forward and backward. Attention per example is unaffected.
+        # FSDP shard weights between forward and backward (the fused norm keeps its weight for its
+        # backward). Attention per example is unaffected.
         fast = fastpath.FastPaths(attention=fast.attention, prefix=fast.prefix)
     if not fast.names():
         return fast, None

@@ -86,7 +86,9 @@ def test_every_arch_trains_through_the_checked_fast_paths(arch_runs, arch):
     import json
 
     out, result = arch_runs(arch)
-    assert result.fast_paths == ["packed attention", "merged LoRA", "chunked head loss"], result.fast_check
+    # Gemma's norm ((1 + w) in fp32) is not the form the fused norm computes: it keeps its own
+    fused_norm = [] if arch == "gemma3" else ["fused RMSNorm"]
+    assert result.fast_paths == ["packed attention", "merged LoRA", "chunked head loss", *fused_norm], result.fast_check
     assert result.fast_check < 1e-3  # fp32: the fast paths compute the plain path's loss and gradients
     plan = json.loads((out / "run.json").read_text())["plan"]
     assert plan["fast_paths"] == result.fast_paths

@@ -163,7 +163,7 @@ def test_a_shared_prefix_gives_the_plain_loss_and_gradients(tiny, matmul_max, mo
     enc = with_system_prompt(enc, tok)
     model = lora_model(tiny_model)
     fast = dataclasses.replace(fastpath.setup(model), prefix=fastpath.shared_prefix(enc))
-    assert fast.names()[-1] == f"shared prefix ({fast.prefix} tokens)"
+    assert f"shared prefix ({fast.prefix} tokens)" in fast.names()
     batch = packed_batch(enc)
     plain = loss_and_grads(model, batch, tok.pad_token_id, None)
     assert_same(loss_and_grads(model, batch, tok.pad_token_id, fast), plain)
@@ -255,11 +255,11 @@ def test_each_fast_path_matches_the_plain_path_in_loss_and_every_lora_gradient(t
     tiny_model, tok, enc = tiny
     model = lora_model(tiny_model)
     fast = fastpath.setup(model)
-    assert fast.names() == ["packed attention", "merged LoRA", "chunked head loss"]
+    assert fast.names() == ["packed attention", "merged LoRA", "chunked head loss", "fused RMSNorm"]
     batch = packed_batch(enc)
     plain = loss_and_grads(model, batch, tok.pad_token_id, None)
     for paths in (fastpath.FastPaths(attention=True), fastpath.FastPaths(lora=fast.lora),
-                  fastpath.FastPaths(head=fast.head), fast):
+                  fastpath.FastPaths(head=fast.head), fastpath.FastPaths(norms=fast.norms), fast):
         assert_same(loss_and_grads(model, batch, tok.pad_token_id, paths), plain)
 
 
@@ -302,6 +302,52 @@ def test_merged_lora_binds_one_function_to_every_layer(tiny):
         assert {layer.forward.__func__ for layer in layers} == {fastpath.lora._fast_forward}
         assert all(layer.__dict__["_habit_kept"] == {} for layer in layers)  # state on the layer
     assert not any("_habit_kept" in layer.__dict__ for layer in layers)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_norm_gives_the_model_norms_output_and_input_gradient(tiny, dtype):
+    """Against the model's own RMSNorm forward and autograd's backward of it: the same output
+    (bit for bit: the same operations) and the same input gradient (up to fp32 rounding)."""
+    tiny_model, _, _ = tiny
+    model = lora_model(tiny_model)
+    norms = fastpath.norm_layers(model)
+    assert len(norms) == 2 * model.config.num_hidden_layers + 1  # two a layer and the final one
+    norm = norms[0]
+    norm.weight.data.normal_(1, 0.2)  # not all ones, so a dropped weight shows
+    torch.manual_seed(0)
+    x = (3 * torch.randn(2, 7, norm.weight.shape[0])).to(dtype).requires_grad_(True)
+    dy = torch.randn(2, 7, norm.weight.shape[0]).to(dtype)
+    weight = norm.weight.data.clone()
+    try:
+        norm.weight.data = weight.to(dtype)
+        own = norm(x)
+        (own_dx,) = torch.autograd.grad(own, x, dy)
+        with fastpath.fused_norms(norms):
+            fused = norm(x)
+            (fused_dx,) = torch.autograd.grad(fused, x, dy)
+            assert fused.grad_fn.name().endswith("RMSNormBackward")  # the fused path ran
+    finally:
+        norm.weight.data = weight
+    assert torch.equal(fused, own)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert float((fused_dx.float() - own_dx.float()).norm() / own_dx.float().norm()) < tol
+    assert "forward" not in norm.__dict__  # put back on the way out
+
+
+def test_the_fused_norm_is_only_for_frozen_norms_of_the_known_form(tiny):
+    tiny_model, _, _ = tiny
+    model = lora_model(tiny_model)
+    norms = fastpath.norm_layers(model)
+    norms[0].weight.requires_grad_(True)  # a trained norm keeps the model's own
+    assert norms[0] not in fastpath.norm_layers(model)
+
+    class GemmaRMSNorm(torch.nn.Module):  # (1 + w) in fp32: not the form the fused norm computes
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(4), requires_grad=False)
+            self.variance_epsilon = 1e-6
+
+    assert fastpath.norm_layers(torch.nn.Sequential(GemmaRMSNorm())) == ()
 
 
 def test_head_loss_equals_cross_entropy_across_chunks():
@@ -368,7 +414,7 @@ def test_training_records_its_fast_paths_and_matches_the_plain_path(tiny_model, 
     plain = training.train(table, tmp_path / "plain", model=tiny_model,
                            settings=TrainSettings(**settings, plain_path=True))
     info = json.loads((tmp_path / "fast" / "run.json").read_text())
-    assert info["plan"]["fast_paths"] == ["packed attention", "merged LoRA", "chunked head loss"]
+    assert info["plan"]["fast_paths"] == ["packed attention", "merged LoRA", "chunked head loss", "fused RMSNorm"]
     assert info["plan"]["fast_check"] < 1e-3
     assert info["plan"]["malloc"] == allocator.describe()  # recorded for whoever compares runs
     assert json.loads((tmp_path / "plain" / "run.json").read_text())["plan"]["fast_paths"] == []
@@ -414,7 +460,7 @@ def test_fast_paths_match_on_a_model_with_biased_projections(tiny):
             p.data.normal_(0, 0.1)
     model.train()
     fast = fastpath.setup(model)
-    assert fast.names() == ["packed attention", "merged LoRA", "chunked head loss"]
+    assert fast.names() == ["packed attention", "merged LoRA", "chunked head loss", "fused RMSNorm"]
     batch = packed_batch(enc)
     assert_same(loss_and_grads(model, batch, tok.pad_token_id, fast),
                 loss_and_grads(model, batch, tok.pad_token_id, None))

@@ -18,6 +18,9 @@ and training checks that on the first batch before trusting it (training.check_f
   passes; for big models the backward makes it again instead). The LoRA gradients are formed
   from x and dy directly. The merged weight rounds to the model dtype, exactly as a bf16
   merge_and_unload does.
+- fused RMSNorm (norm.py): the model's own norm forward, its input gradient written out, so
+  the backward keeps the bf16 input instead of an fp32 copy and the normalized one (memory; the
+  same speed within noise).
 - head loss: cross-entropy of the lm_head in chunks of rows, its input gradient computed on the
   way. The plain path keeps bf16 logits, an fp32 copy, log-softmax and its gradient for every
   target token at once (~1 GB for 2k targets with a 49k vocabulary); here one chunk at a time.
@@ -37,13 +40,14 @@ from habit.fastpath.compiled import COMPILE_MIN_STEPS, Compiled, decoder_layers
 from habit.fastpath.compiled import unavailable as compile_unavailable
 from habit.fastpath.head import HEAD_CHUNK, head_logprobs, head_loss, head_loss_value, plain_head
 from habit.fastpath.lora import MERGED_KEEP_MAX, lora_layers, merged_lora
+from habit.fastpath.norm import NORM_CLASSES, fused_norms, norm_layers
 
 __all__ = ["FastPaths", "setup", "PACKED", "Packing", "buckets", "causal", "packed_attention",
            "shared_prefix", "use_packed_attention", "head_logprobs", "head_loss", "head_loss_value",
            "plain_head",
            "lora_layers", "merged_lora", "HEAD_CHUNK", "MATMUL_ATTENTION_MAX", "MAX_BUCKETS",
            "MERGED_KEEP_MAX", "MIN_SHARED_PREFIX", "COMPILE_MIN_STEPS", "Compiled", "decoder_layers",
-           "compile_unavailable"]
+           "compile_unavailable", "NORM_CLASSES", "fused_norms", "norm_layers"]
 
 
 @dataclass
@@ -54,13 +58,15 @@ class FastPaths:
     lora: tuple = ()  # the LoRA layers that train merged
     head: object = None  # the lm_head module when the head loss is on
     prefix: int = 0  # leading tokens every example shares, computed once a pass (needs attention)
+    norms: tuple = ()  # the RMSNorm layers that train through the fused backward
 
     kept: dict | None = field(default=None, repr=False, compare=False)  # see fixed_weights
 
     def names(self) -> list[str]:
         return [n for n, on in (("packed attention", self.attention), ("merged LoRA", bool(self.lora)),
                                 ("chunked head loss", self.head is not None),
-                                (f"shared prefix ({self.prefix} tokens)", bool(self.prefix))) if on]
+                                (f"shared prefix ({self.prefix} tokens)", bool(self.prefix)),
+                                ("fused RMSNorm", bool(self.norms))) if on]
 
     @contextlib.contextmanager
     def fixed_weights(self):
@@ -82,6 +88,8 @@ class FastPaths:
                 stack.enter_context(merged_lora(self.lora, self.kept))
             if self.head is not None:
                 stack.enter_context(head_loss(self.head, targets))
+            if self.norms:
+                stack.enter_context(fused_norms(self.norms))
             yield
 
 
@@ -95,4 +103,5 @@ def setup(model, device_type: str = "cpu") -> FastPaths:
     stays on everywhere: it is a memory saving first (no logits for every target at once)."""
     if device_type != "cpu":
         return FastPaths(head=plain_head(model))
-    return FastPaths(attention=use_packed_attention(model), lora=lora_layers(model), head=plain_head(model))
+    return FastPaths(attention=use_packed_attention(model), lora=lora_layers(model), head=plain_head(model),
+                     norms=norm_layers(model))

@@ -27,9 +27,13 @@ def head_loss_value(hidden, weight, targets, chunk: int = HEAD_CHUNK, grad=None,
 
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     part = math.gcd(weight.shape[0], 128)  # row sums in slices of this many columns, then in fp32
+    # one logits buffer for every chunk: a fresh chunk-sized tensor each time (tens of MB) is
+    # handed back to the kernel and faulted in again, which slowed the head's forward matmul to
+    # about half the speed of its backward on a CPU (BENCHMARKS.md, "Where a training step's time goes")
+    buffer = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0])
     for s in range(0, hidden.shape[0], chunk):
         t = targets[s : s + chunk]
-        logits = hidden[s : s + chunk] @ weight.t()
+        logits = torch.mm(hidden[s : s + chunk], weight.t(), out=buffer[: t.numel()])
         picked = logits.gather(1, t[:, None]).float()
         top = logits.amax(-1, keepdim=True)
         e = logits.sub_(top).exp_()  # every entry ≤ 1, the largest exactly 1
