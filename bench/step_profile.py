@@ -187,9 +187,8 @@ def main(argv=None) -> None:
         p.error(f"--steps must be over {WARM_STEPS}")
     from habit import allocator
 
-    env = allocator.preload_env(loaded=allocator.active())  # the malloc habit's command runs on
-    if env is not None and argv is None:
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    if argv is None:  # on the malloc habit's command runs on
+        allocator.reexec(sys.argv[1:], script=sys.argv[0])
     import torch
 
     from habit import bench, bench_workers, data, models, render

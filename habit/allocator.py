@@ -79,16 +79,17 @@ def preload_env(environ=os.environ, platform: str = sys.platform, loaded: str | 
     return {**environ, "LD_PRELOAD": f"{library}:{rest}" if rest else library, LOADED: library}
 
 
-def reexec(argv: list[str]) -> None:
-    """Replace this process by `python -m habit ARGV` on a faster malloc, if there is one to load;
-    returns only when there is not (or when the exec fails: the command then runs as it is)."""
+def reexec(argv: list[str], script: str | None = None) -> None:
+    """Replace this process by `python -m habit ARGV` (or `python SCRIPT ARGV`: the bench scripts)
+    on a faster malloc, if there is one to load; returns only when there is not (or when the exec
+    fails: the command then runs as it is)."""
     env = preload_env(loaded=active())
     if env is None:
         return
     try:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, "-m", "habit", *argv], env)
+        os.execve(sys.executable, [sys.executable, *([script] if script else ["-m", "habit"]), *argv], env)
     except OSError:
         return
 

@@ -688,9 +688,7 @@ def _fast_paths(s: Setup, p: Plan, model, settings: TrainSettings,
     fast = fastpath.FastPaths() if settings.plain_path else fastpath.setup(model, s.device.type)
     if s.need.checkpointing:
         adapters.checkpoint_activations(model)
-        # the recomputation runs inside the backward, outside a pass's fast-path context, and would
-        # rebuild merged-LoRA layers as PEFT's (a different graph from the one it replaces)
-        fast = dataclasses.replace(fast, lora=(), norms=())
+        fast = fast.recomputable()
     if fast.attention:
         fast = dataclasses.replace(fast, prefix=fastpath.shared_prefix(s.train_enc + s.val_enc))
     if s.sharded:

@@ -31,6 +31,7 @@ and training checks that on the first batch before trusting it (training.check_f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 
 from habit.fastpath.attention import (MATMUL_ATTENTION_MAX, MAX_BUCKETS, MIN_SHARED_PREFIX, PACKED,
@@ -67,6 +68,12 @@ class FastPaths:
                                 ("chunked head loss", self.head is not None),
                                 (f"shared prefix ({self.prefix} tokens)", bool(self.prefix)),
                                 ("fused RMSNorm", bool(self.norms))) if on]
+
+    def recomputable(self) -> "FastPaths":
+        """These paths less those that swap a layer's forward only inside a pass (merged LoRA,
+        fused norms): activation checkpointing recomputes the forward inside the backward,
+        outside the pass's context, and would build another graph than the one it replaces."""
+        return dataclasses.replace(self, lora=(), norms=())
 
     @contextlib.contextmanager
     def fixed_weights(self):
