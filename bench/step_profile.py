@@ -68,7 +68,8 @@ def role_of(key: str, a, b) -> str:
 
 def profiled_train(steps: int, work: Path):
     """habit.train with its defaults for `steps` steps, every step after WARM_STEPS under the
-    profiler. Returns (profiler, wall seconds of the profiled steps, log rows, run dir)."""
+    profiler. Returns (profiler, wall seconds of the profiled steps, log rows, run dir, the table,
+    its training examples)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -104,7 +105,7 @@ def profiled_train(steps: int, work: Path):
                        on_log=lambda r: rows.append(r) if "loss" in r else None)
     finally:
         training.train_step = step
-    return prof, wall[0], rows, run, train_ex
+    return prof, wall[0], rows, run, table, train_ex
 
 
 def summarize(prof, steps: int) -> dict:
@@ -191,16 +192,16 @@ def main(argv=None) -> None:
         allocator.reexec(sys.argv[1:], script=sys.argv[0])
     import torch
 
-    from habit import bench, bench_workers, data, models, render
+    from habit import bench, bench_workers, models, render
     from habit.settings import TrainSettings
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     peak = bench_workers.worker_peak({"peak_size": None})["peak_gflops"]["bf16"] * 1e9
     with tempfile.TemporaryDirectory(prefix="habit-bench-profile-") as work:
-        prof, wall, rows, run, train_ex = profiled_train(args.steps, Path(work))
+        prof, wall, rows, run, table, train_ex = profiled_train(args.steps, Path(work))
         source = models.resolve("smollm2-135m")
         tokenizer = models.load_tokenizer(source)
-        template = render.choose_template(data.load_examples(str(DATA), template=bench_workers.TEMPLATE), tokenizer)
+        template = render.choose_template(table, tokenizer)
         enc, _ = render.encode_all(train_ex, template, tokenizer, models.stop_ids(tokenizer), TrainSettings().max_len)
         mean, head_share = bench_workers._lengths_and_targets(enc)
         computed = rows[-1]["tokens_computed"] / rows[-1]["tokens"]

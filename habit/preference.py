@@ -174,18 +174,6 @@ def units_in(batch) -> int:
 # ---------------------------------------------------------------- log-probabilities
 
 
-@contextlib.contextmanager
-def _paths(fast, targets):
-    with contextlib.ExitStack() as stack:
-        if fast is not None and fast.lora:
-            stack.enter_context(fastpath.merged_lora(fast.lora, fast.kept))
-        if fast is not None and fast.head is not None:
-            stack.enter_context(fastpath.head_logprobs(fast.head, targets))
-        if fast is not None and fast.norms:
-            stack.enter_context(fastpath.fused_norms(fast.norms))
-        yield
-
-
 def sequence_logprobs(model, batch, pad_id: int, device, fast=None):
     """(sides in batch order, summed log-prob of each side's targets, their counts) for a batch of
     packed sides; the sums carry the graph. Same tensors, attention and fast paths as
@@ -204,7 +192,7 @@ def sequence_logprobs(model, batch, pad_id: int, device, fast=None):
     sides = [s for row in batch.rows for s in row]
     # training.tensors puts a side's targets at loss[prefix + 1:] (the prefix carries no loss)
     counts = torch.tensor([sum(s.loss[prefix + 1 :]) for s in sides], device=device)
-    with _paths(fast, targets):
+    with fast.step(targets, per_token=True) if fast is not None else contextlib.nullcontext():
         out = model(input_ids=ids, position_ids=pos, logits_to_keep=keep, use_cache=False, **extra)
     if fast is not None and fast.head is not None:
         per_token = out.logits

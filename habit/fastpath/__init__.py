@@ -88,13 +88,14 @@ class FastPaths:
             self.kept = None
 
     @contextlib.contextmanager
-    def step(self, targets):
-        """The context of one forward (and its backward) through these paths."""
+    def step(self, targets, per_token: bool = False):
+        """The context of one forward (and its backward) through these paths. `per_token`: the
+        head returns each target's log-probability (preference losses) instead of the summed loss."""
         with contextlib.ExitStack() as stack:
             if self.lora:
                 stack.enter_context(merged_lora(self.lora, self.kept))
             if self.head is not None:
-                stack.enter_context(head_loss(self.head, targets))
+                stack.enter_context((head_logprobs if per_token else head_loss)(self.head, targets))
             if self.norms:
                 stack.enter_context(fused_norms(self.norms))
             yield
