@@ -12,8 +12,6 @@ rows show the min and median. Writes the bench:attention section of BENCHMARKS.m
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import statistics
 import sys
 import tempfile
@@ -101,7 +99,7 @@ def op_rows(repeats: int) -> list[dict]:
 
 def train_rate(length: int, steps: int, work: Path) -> float:
     """Real tokens/s of habit.train on SmolLM2, one example of `length` tokens per step."""
-    from habit import bench, bench_workers, data, models, render
+    from habit import bench, bench_workers, data, models
     from habit.settings import TrainSettings
 
     table = data.load_examples(str(DATA), template=bench_workers.TEMPLATE)
@@ -188,10 +186,7 @@ def main(argv=None) -> None:
     ops = op_rows(args.repeats)
     with tempfile.TemporaryDirectory(prefix="habit-bench-attention-") as work:
         trains = train_rows(args.train_lengths, args.steps, args.repeats, Path(work))
-    cpu, flags = bench_workers.cpu_name_and_flags()
-    head = (f"{cpu} (flags: {' '.join(flags)}), {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"threads {torch.get_num_threads()}, malloc {allocator.active() or 'system'}, "
-            f"query chunk {attention.QUERY_CHUNK}. {datetime.date.today()}.")
+    head = bench_workers.machine_line(f", query chunk {attention.QUERY_CHUNK}")
     command = "python bench/attention.py --repeats 3 --out BENCHMARKS.md"
     bench.write_sections(args.out, {"attention": markdown(ops, trains, head, args.repeats, args.steps, command)})
 

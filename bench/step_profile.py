@@ -9,8 +9,6 @@ and the time outside them. Writes the bench:profile section of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import sys
 import tempfile
 import time
@@ -70,7 +68,6 @@ def profiled_train(steps: int, work: Path):
     """habit.train with its defaults for `steps` steps, every step after WARM_STEPS under the
     profiler. Returns (profiler, wall seconds of the profiled steps, log rows, run dir, the table,
     its training examples)."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from habit import bench_workers, data, training
@@ -209,9 +206,7 @@ def main(argv=None) -> None:
     profiled = args.steps - WARM_STEPS
     tokens = rows[-1]["tokens"] - rows[WARM_STEPS - 1]["tokens"]
     summary = summarize(prof, profiled)
-    cpu, flags = bench_workers.cpu_name_and_flags()
-    head = (f"{cpu} (flags: {' '.join(flags)}), {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"threads {torch.get_num_threads()}, malloc {allocator.active() or 'system'}. {datetime.date.today()}.")
+    head = bench_workers.machine_line()
     command = "python bench/step_profile.py --steps 8 --out BENCHMARKS.md"
     text = markdown(summary, wall, per_token * tokens / profiled, peak, head, command)
     print(text)

@@ -10,6 +10,7 @@ training worker is clocked at the same point of its step and reports through `_f
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import gc
 import importlib.util
 import json
@@ -73,6 +74,17 @@ def cpu_name_and_flags() -> tuple[str, list[str]]:
         cpu = names[0] if names else cpu
         flags = [f for f in SPEED_FLAGS if f in have]
     return cpu, flags
+
+
+def machine_line(extra: str = "") -> str:
+    """One line naming what a bench script ran on: CPU and speed flags, cores, torch and its
+    threads, the malloc (the scripts' tables head with it; `extra` ends it)."""
+    import torch
+
+    cpu, flags = cpu_name_and_flags()
+    return (f"{cpu} (flags: {' '.join(flags)}), {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"threads {torch.get_num_threads()}, malloc {allocator.active() or 'system'}{extra}. "
+            f"{datetime.date.today()}.")
 
 
 def worker_peak(spec: dict) -> dict:
