@@ -149,6 +149,40 @@ def complete(server, prompt: str, n: int = 8) -> dict:
                                       "top_k": 1, "ignore_eos": True, "logprobs": 1})
 
 
+def teacher_forced_agreement(server, model, tokenizer, prompts, margin: float, n: int = 6) -> tuple[int, int, list]:
+    """llama.cpp's next token against transformers', teacher-forced: for each prompt (token ids),
+    transformers' greedy continuation of `n` tokens, and at every step where its top-1 leads the
+    runner-up by `margin` or more, llama.cpp's top-1 after the same ids. Returns (agreed, compared,
+    steps), each step as (prompt index, step, lead, agreed, or None where not compared)."""
+    import torch
+
+    agreed = compared = 0
+    steps = []
+    for p, ids in enumerate(prompts):
+        x, ours, leads = torch.tensor([ids]), [], []
+        with torch.no_grad():
+            for _ in range(n):
+                top = model(x).logits[0, -1].topk(2)
+                ours.append(int(top.indices[0]))
+                leads.append(float(top.values[0] - top.values[1]))
+                x = torch.cat([x, top.indices[:1].view(1, 1)], dim=1)
+        for step, (token, lead) in enumerate(zip(ours, leads)):
+            if lead < margin or token in tokenizer.all_special_ids:
+                # a near-tie, which rounding may flip: not evidence either way; or an end token,
+                # which complete()'s ignore_eos masks in llama.cpp
+                steps.append((p, step, round(lead, 3), None))
+                continue
+            # fed transformers' own tokens, so one near-tie does not end the check
+            choice = complete(server, ids + ours[:step], n=1)["choices"][0]
+            # llama.cpp leaves out logprobs for a token that ends mid-character; then its text
+            same = (choice["logprobs"]["content"][0]["id"] == token if choice["logprobs"]
+                    else choice["text"] == tokenizer.decode([token]))
+            agreed += same
+            compared += 1
+            steps.append((p, step, round(lead, 3), same))
+    return agreed, compared, steps
+
+
 CHROMIUM = "/usr/bin/chromium"
 # headless, and nothing that reaches the network on its own (updates, sync, field trials)
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import complete
+from conftest import complete, teacher_forced_agreement
 from habit import load_examples
 from habit.export import export_gguf, merge
 from habit.settings import TrainSettings
@@ -50,43 +50,14 @@ def tuned(request, arch_model, roles_csv, tmp_path_factory):
     return request.param, folder, model, AutoTokenizer.from_pretrained(folder)
 
 
-def greedy_with_margins(model, tokenizer, text: str, n: int = STEPS) -> tuple[list[int], list[float]]:
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
-    out, margins = [], []
-    with torch.no_grad():
-        for _ in range(n):
-            top = model(ids).logits[0, -1].topk(2)
-            out.append(int(top.indices[0]))
-            margins.append(float(top.values[0] - top.values[1]))
-            ids = torch.cat([ids, torch.tensor([[out[-1]]])], dim=1)
-    return out, margins
-
-
 def agreement(server, model, tokenizer, margin: float) -> tuple[int, int, list]:
-    """Teacher-forced top-1 checks of llama.cpp against transformers on PROMPTS, at the steps where
-    transformers' top-1 leads by `margin` or more: (agreed, compared, steps) with every step as
-    (prompt, step, margin, agreed)."""
-    agreed = compared = 0
-    steps = []
+    """teacher_forced_agreement on PROMPTS, after checking llama.cpp counts their tokens alike."""
+    prompts = []
     for text in PROMPTS:
         ids = tokenizer(text, add_special_tokens=False).input_ids
         assert complete(server, text, n=1)["usage"]["prompt_tokens"] == len(ids)  # same tokenizer
-        ours, margins = greedy_with_margins(model, tokenizer, text)
-        for step, (token, lead) in enumerate(zip(ours, margins)):
-            if lead < margin or token in tokenizer.all_special_ids:
-                # a near-tie, which rounding may flip: not evidence either way; or an end token,
-                # which complete()'s ignore_eos masks in llama.cpp
-                steps.append((text[:20], step, round(lead, 3), None))
-                continue
-            # teacher-forced on transformers' own tokens, so one near-tie does not end the check
-            choice = complete(server, ids + ours[:step], n=1)["choices"][0]
-            # llama.cpp leaves out logprobs for a token that ends mid-character; then its text
-            same = (choice["logprobs"]["content"][0]["id"] == token if choice["logprobs"]
-                    else choice["text"] == tokenizer.decode([token]))
-            agreed += same
-            compared += 1
-            steps.append((text[:20], step, round(lead, 3), same))
-    return agreed, compared, steps
+        prompts.append(ids)
+    return teacher_forced_agreement(server, model, tokenizer, prompts, margin, STEPS)
 
 
 def test_llama_cpp_continues_like_transformers(tuned, llama_server, tmp_path):

@@ -21,7 +21,7 @@ import urllib.request
 import pytest
 import torch
 
-from conftest import FIXTURES, complete
+from conftest import FIXTURES, teacher_forced_agreement
 from habit import load_examples
 from habit.errors import HabitError
 from habit.export import _write_tokenizer, export_gguf, merge
@@ -198,28 +198,8 @@ def prompts(style: str, tokenizer) -> list[list[int]]:
 
 def test_llama_cpp_continues_like_transformers(exported, llama_server):
     style, path, model, tokenizer, _ = exported
-    server = llama_server(path)
-    agreed = compared = 0
-    steps = []
-    for ids in prompts(style, tokenizer):
-        x = torch.tensor([ids])
-        ours, margins = [], []
-        with torch.no_grad():
-            for _ in range(STEPS):
-                top = model(x).logits[0, -1].topk(2)
-                ours.append(int(top.indices[0]))
-                margins.append(float(top.values[0] - top.values[1]))
-                x = torch.cat([x, top.indices[:1].view(1, 1)], dim=1)
-        for step, (token, lead) in enumerate(zip(ours, margins)):
-            if lead < MARGIN or token in tokenizer.all_special_ids:
-                steps.append((step, round(lead, 3), None))  # a near-tie, or an end token ignore_eos masks
-                continue
-            choice = complete(server, ids + ours[:step], n=1)["choices"][0]
-            same = (choice["logprobs"]["content"][0]["id"] == token if choice["logprobs"]
-                    else choice["text"] == tokenizer.decode([token]))
-            agreed += same
-            compared += 1
-            steps.append((step, round(lead, 3), same))
+    agreed, compared, steps = teacher_forced_agreement(llama_server(path), model, tokenizer,
+                                                       prompts(style, tokenizer), MARGIN, STEPS)
     assert agreed == compared, (style, steps)
     assert compared >= len(steps) // 2, (style, steps, "too many near-ties to tell")
 
