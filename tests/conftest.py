@@ -149,7 +149,7 @@ def complete(server, prompt: str, n: int = 8) -> dict:
                                       "top_k": 1, "ignore_eos": True, "logprobs": 1})
 
 
-def teacher_forced_agreement(server, model, tokenizer, prompts, margin: float, n: int = 6) -> tuple[int, int, list]:
+def teacher_forced_agreement(server, model, tokenizer, prompts, margin: float, n: int) -> tuple[int, int, list]:
     """llama.cpp's next token against transformers', teacher-forced: for each prompt (token ids),
     transformers' greedy continuation of `n` tokens, and at every step where its top-1 leads the
     runner-up by `margin` or more, llama.cpp's top-1 after the same ids. Returns (agreed, compared,
